@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (idempotent) and run the main job: end-to-end attribution on real
+# Fashion-MNIST with a single model, the naive independent ensemble and an efficient
+# ensemble, each with its LDS and costs, plus top proponents.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/etda demo "$@"

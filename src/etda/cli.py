@@ -1,0 +1,490 @@
+"""The ``etda`` command: attribute, measure LDS, train models and list settings."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from etda import __version__
+from etda.cost import human_bytes
+from etda.experiment import (
+    DEFAULT_MEMBERS,
+    ENSEMBLES,
+    PROJECTIONS,
+    accuracy,
+    build_ground_truth,
+    damping_summary,
+    default_out_dir,
+    method_takes,
+    parse_damping,
+    run_attribution,
+    set_threads,
+)
+from etda.methods import METHODS
+from etda.parallel import EXECUTORS
+from etda.settings import SETTINGS
+
+app = typer.Typer(
+    name="etda",
+    help=(
+        "[bold]etda[/bold]: efficient training data attribution. Attribute a named setting's "
+        "test predictions to its training examples with any method x ensemble, and measure "
+        "the quality (LDS) and costs."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _out() -> Console:
+    return Console(highlight=False)
+
+
+def _err() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Errors caused by the inputs (bad option combinations, missing data): red, exit 2."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as exc:
+        _err().print(f"[bold red]error:[/bold red] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+
+
+# ------------------------------------------------------------------------ validators
+
+
+def _choice(value: str | None, choices: object, what: str) -> str | None:
+    if value is not None and value not in choices:  # type: ignore[operator]
+        raise typer.BadParameter(f"unknown {what} {value!r}; choose from {', '.join(choices)}")
+    return value
+
+
+def _setting_cb(value: str) -> str:
+    return _choice(value, SETTINGS, "setting")  # type: ignore[return-value]
+
+
+def _method_cb(value: str) -> str:
+    return _choice(value, METHODS, "method")  # type: ignore[return-value]
+
+
+def _ensemble_cb(value: str) -> str:
+    return _choice(value, ENSEMBLES, "ensemble")  # type: ignore[return-value]
+
+
+def _projection_cb(value: str) -> str:
+    return _choice(value, PROJECTIONS, "projection")  # type: ignore[return-value]
+
+
+def _executor_cb(value: str) -> str:
+    return _choice(value, EXECUTORS, "executor")  # type: ignore[return-value]
+
+
+def _positive_cb(value: int | None) -> int | None:
+    if value is not None and value <= 0:
+        raise typer.BadParameter(f"must be a positive integer, got {value}")
+    return value
+
+
+def _damping_cb(value: str | None) -> str | None:
+    try:
+        parse_damping(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+def _version_cb(value: bool) -> None:
+    if value:
+        typer.echo(f"etda {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version_cb, is_eager=True, help="Show the version."),
+    ] = False,
+) -> None:
+    """etda: efficient training data attribution."""
+
+
+# --------------------------------------------------------------------- shared options
+
+SettingOpt = Annotated[
+    str,
+    typer.Option(
+        "--setting", "-s", callback=_setting_cb, help="Named setting (see [bold]etda settings[/])."
+    ),
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(callback=_positive_cb, help="Torch threads (default: torch's choice)."),
+]
+ProgressOpt = Annotated[
+    bool, typer.Option("--progress/--no-progress", help="Progress bars on stderr.")
+]
+ModelDirOpt = Annotated[Path, typer.Option(help="Cache of trained models (reused across runs).")]
+LdsCacheOpt = Annotated[
+    Path, typer.Option(help="Cache of LDS ground-truth retrainings (reused and resumed).")
+]
+NSubsetsOpt = Annotated[
+    int, typer.Option(help="LDS: random training subsets to retrain on (>= 2).")
+]
+FractionOpt = Annotated[float, typer.Option(help="LDS: fraction of the training set per subset.")]
+SeedsPerSubsetOpt = Annotated[
+    int, typer.Option(callback=_positive_cb, help="LDS: models per subset (outputs averaged).")
+]
+ExecutorOpt = Annotated[
+    str,
+    typer.Option(
+        callback=_executor_cb, help=f"Where LDS retraining runs: {' | '.join(EXECUTORS)}."
+    ),
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(callback=_positive_cb, help="Retraining workers (default: one per core)."),
+]
+AddressOpt = Annotated[
+    str | None, typer.Option(help="Ray cluster address (executor ray), e.g. 'auto'.")
+]
+
+
+def _lds_config(n_subsets: int, fraction: float, seeds_per_subset: int):
+    from etda.evaluate.lds import LDSConfig
+
+    try:
+        return LDSConfig(n_subsets=n_subsets, fraction=fraction, seeds_per_subset=seeds_per_subset)
+    except ValueError as exc:
+        msg = str(exc)
+        for name in ("n_subsets", "fraction", "seeds_per_subset"):
+            if f"LDSConfig.{name}" in msg:
+                flag = "--" + name.replace("_", "-")
+                msg = msg.replace(f"LDSConfig.{name}", flag)
+                raise typer.BadParameter(msg, param_hint=flag) from None
+        raise typer.BadParameter(msg) from None
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@app.command()
+def attribute(
+    setting: SettingOpt = "fmnist-mlp",
+    method: Annotated[
+        str,
+        typer.Option("--method", "-m", callback=_method_cb, help=f"Method: {' | '.join(METHODS)}."),
+    ] = "trak",
+    ensemble: Annotated[
+        str,
+        typer.Option(
+            "--ensemble", "-e", callback=_ensemble_cb, help=f"Ensemble: {' | '.join(ENSEMBLES)}."
+        ),
+    ] = "none",
+    models: Annotated[
+        int,
+        typer.Option(
+            "--models", "-k", callback=_positive_cb, help="Independently trained models (K)."
+        ),
+    ] = 1,
+    members: Annotated[
+        int | None,
+        typer.Option(
+            "--members",
+            "-M",
+            callback=_positive_cb,
+            help="Members per model (M); checkpoints: checkpoints per run. Default: "
+            + ", ".join(f"{k} {v}" for k, v in DEFAULT_MEMBERS.items() if k != "none")
+            + ".",
+        ),
+    ] = None,
+    rank: Annotated[int, typer.Option(callback=_positive_cb, help="LoRA rank.")] = 8,
+    lora_epochs: Annotated[
+        int, typer.Option(callback=_positive_cb, help="LoRA fine-tuning epochs per adapter.")
+    ] = 2,
+    p: Annotated[
+        float | None,
+        typer.Option("--p", help="Dropout-ensemble rate override (default: the model's rate)."),
+    ] = None,
+    checkpoints: Annotated[
+        int, typer.Option(callback=_positive_cb, help="TracIn: checkpoints per run.")
+    ] = 5,
+    proj_dim: Annotated[
+        int | None,
+        typer.Option(callback=_positive_cb, help="Projection dimension (default: auto)."),
+    ] = None,
+    projection: Annotated[
+        str,
+        typer.Option(
+            callback=_projection_cb,
+            help=f"Featurizer: {' | '.join(PROJECTIONS)} (auto: exact kernel while n fits).",
+        ),
+    ] = "auto",
+    damping: Annotated[
+        str | None,
+        typer.Option(
+            callback=_damping_cb,
+            help="TRAK/IF damping: auto (GCV) | FLOAT | trace:C (C x tr(K)/n). Default: auto.",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of projections, masks and adapters.")] = 0,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where the scores are saved (default runs/attribute/<setting>-<method>-...)."
+        ),
+    ] = None,
+    store: Annotated[
+        Path | None, typer.Option(help="Feature store directory (persistent, resumable).")
+    ] = None,
+    model_dir: ModelDirOpt = Path("runs/models"),
+    lds_on: Annotated[
+        bool, typer.Option("--lds/--no-lds", help="Measure the LDS (ground truth cached).")
+    ] = True,
+    n_subsets: NSubsetsOpt = 50,
+    fraction: FractionOpt = 0.5,
+    seeds_per_subset: SeedsPerSubsetOpt = 1,
+    lds_cache: LdsCacheOpt = Path("runs/lds-cache"),
+    executor: ExecutorOpt = "process",
+    workers: WorkersOpt = None,
+    address: AddressOpt = None,
+    top: Annotated[
+        int, typer.Option(min=0, help="Show proponents/opponents of the first TOP test examples.")
+    ] = 3,
+    top_k: Annotated[
+        int, typer.Option(min=1, help="Proponents and opponents shown per test example.")
+    ] = 3,
+    threads: ThreadsOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Attribute a setting's test predictions to its training examples; print costs and LDS."""
+    if damping is not None and not method_takes(method, "damping"):
+        raise typer.BadParameter(f"method {method!r} has no damping", param_hint="--damping")
+    lds_config = _lds_config(n_subsets, fraction, seeds_per_subset) if lds_on else None
+    out = out or default_out_dir(setting, method, ensemble, models, members, seed)
+    set_threads(threads)
+    with _user_errors():
+        scores, result = run_attribution(
+            setting,
+            method,
+            ensemble,
+            models,
+            members=members,
+            p=p,
+            rank=rank,
+            lora_epochs=lora_epochs,
+            n_checkpoints=checkpoints,
+            proj_dim=proj_dim,
+            projection=projection,
+            damping=parse_damping(damping),
+            seed=seed,
+            store=store,
+            progress=progress,
+            model_dir=model_dir,
+            lds_config=lds_config,
+            lds_cache_dir=lds_cache,
+            executor=executor,
+            workers=workers,
+            address=address,
+        )
+    scores.save(out)
+    _print_summary(scores, result, out, top, top_k)
+
+
+def _print_summary(scores, result, out: Path, top: int, top_k: int) -> None:
+    from etda.settings import get_setting
+
+    con = _out()
+    cfg, costs = scores.config, scores.costs
+    n_test, n_train = scores.shape
+    n_members = len(cfg.get("members", []))
+    models = cfg.get("models", [])
+    con.print(
+        f"[bold]{escape(cfg['setting']['name'])}[/bold] · {escape(scores.method)} · ensemble "
+        f"{escape(cfg.get('ensemble_kind', '?'))} ({len(models)} model(s), {n_members} member(s))"
+    )
+    con.print(f"scores: {n_test} test x {n_train} train -> {escape(str(out))}")
+    proj = cfg.get("projection")
+    proj_text = f"{proj}, k = {cfg['proj_dim']}" if cfg.get("proj_dim") else f"{proj}"
+    if proj == "none":
+        proj_text += " (exact gradient kernel)"
+    con.print(f"projection: {escape(proj_text)}")
+    damp = damping_summary(scores)
+    if damp:
+        con.print(f"damping: {escape(damp)}")
+    if cfg.get("checkpoint_epochs"):
+        con.print(f"checkpoint epochs: {cfg['checkpoint_epochs']}")
+
+    table = Table(title="costs", title_justify="left", show_header=True, header_style="bold")
+    table.add_column("cost")
+    table.add_column("value", justify="right")
+    table.add_column("detail")
+    cached = sum(m["cached"] for m in models)
+    model_s = sum(m["train_s"] for m in models)
+    detail = f"{len(models)} model(s) {model_s:.2f} s"
+    if cached:
+        detail += f" ({cached} loaded from cache: original training time)"
+    if costs.train_s - model_s > 1e-9:
+        detail += f" + members {costs.train_s - model_s:.2f} s (e.g. adapter fine-tuning)"
+    table.add_row("train", f"{costs.train_s:.2f} s", detail)
+    table.add_row(
+        "serve",
+        f"{costs.serve_s:.2f} s",
+        f"featurize train {costs.featurize_train_s:.2f} s, test {costs.featurize_test_s:.2f} s, "
+        f"score {costs.score_s:.2f} s",
+    )
+    table.add_row(
+        "space",
+        human_bytes(costs.bytes),
+        f"weights {human_bytes(costs.weights_bytes)}, features {human_bytes(costs.feature_bytes)}",
+    )
+    table.add_row("FLOPs", f"{costs.flops:.3g}", "counted forward/backward passes")
+    con.print(table)
+
+    if result is not None:
+        info = cfg.get("lds", {})
+        con.print(
+            f"[bold]LDS {result.mean:.4f} ± {result.sem:.4f}[/bold] "
+            f"({info.get('config', {}).get('n_subsets', '?')} subsets; ground truth "
+            f"{info.get('jobs_cached', '?')} cached / {info.get('jobs_trained', '?')} trained now)"
+        )
+
+    if top > 0:
+        data = get_setting(cfg["setting"]["name"]).data()
+        names = data.class_names
+
+        def label(y: int) -> str:
+            return f"{y} {names[y]}" if names and names[y] != str(y) else str(y)
+
+        t = Table(
+            title=f"top {top_k} proponents (+) and opponents (-)",
+            title_justify="left",
+            header_style="bold",
+        )
+        for col in (
+            "test",
+            "label",
+            "proponents #train (label) score",
+            "opponents #train (label) score",
+        ):
+            t.add_column(col)
+        y_train = data.y_train.tolist()
+        for row in scores.top(top_k)[:top]:
+            ti = row["test"]
+
+            def fmt(pairs: list) -> str:
+                return "\n".join(f"#{i} ({label(y_train[i])}) {s:+.3g}" for i, s in pairs)
+
+            t.add_row(
+                str(ti),
+                escape(label(int(data.y_test[ti]))),
+                escape(fmt(row["proponents"])),
+                escape(fmt(row["opponents"])),
+            )
+        con.print(t)
+
+
+@app.command()
+def lds(
+    setting: SettingOpt = "fmnist-mlp",
+    n_subsets: NSubsetsOpt = 50,
+    fraction: FractionOpt = 0.5,
+    seeds_per_subset: SeedsPerSubsetOpt = 1,
+    executor: ExecutorOpt = "process",
+    workers: WorkersOpt = None,
+    address: AddressOpt = None,
+    lds_cache: LdsCacheOpt = Path("runs/lds-cache"),
+    progress: ProgressOpt = True,
+) -> None:
+    """Build or resume the LDS ground truth (retrained models on random subsets)."""
+    config = _lds_config(n_subsets, fraction, seeds_per_subset)
+    with _user_errors():
+        run = build_ground_truth(setting, config, lds_cache, executor, workers, address, progress)
+    con = _out()
+    con.print(
+        f"[bold]{escape(setting)}[/bold] LDS ground truth: {run.total} jobs "
+        f"({config.n_subsets} subsets x {config.seeds_per_subset} seed(s), fraction "
+        f"{config.fraction}): {run.cached} cached, {run.trained} trained now"
+    )
+    con.print(
+        f"wall time {run.wall_s:.1f} s; retraining time in the cache "
+        f"{run.gt.train_seconds:.1f} s; folder {escape(str(run.gt.path))}"
+    )
+
+
+@app.command()
+def train(
+    setting: SettingOpt = "fmnist-mlp",
+    models: Annotated[
+        int, typer.Option("--models", "-k", callback=_positive_cb, help="Models to train (K).")
+    ] = 1,
+    first_seed: Annotated[int, typer.Option(min=0, help="Seed of the first model.")] = 0,
+    model_dir: ModelDirOpt = Path("runs/models"),
+    threads: ThreadsOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Train (or load cached) models of a setting; print test accuracy and train seconds."""
+    from etda.settings import get_setting
+    from etda.zoo import trained_models
+
+    set_threads(threads)
+    s = get_setting(setting)
+    with _user_errors():
+        tms = trained_models(s, models, model_dir, first_seed, progress=progress)
+        data = s.data()
+    folder = tms[0].path.parent
+    table = Table(
+        title=f"{setting}: {escape(s.description)}\ncache: {escape(str(folder))}",
+        title_justify="left",
+        header_style="bold",
+    )
+    for col, just in (
+        ("seed", "right"),
+        ("test acc", "right"),
+        ("train s", "right"),
+        ("source", "left"),
+        ("weights", "left"),
+    ):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for tm in tms:
+        table.add_row(
+            str(tm.seed),
+            f"{accuracy(tm.model, data.x_test, data.y_test):.4f}",
+            f"{tm.seconds:.2f}",
+            "cache" if tm.cached else "trained",
+            escape(tm.path.name),
+        )
+    _out().print(table)
+
+
+@app.command()
+def settings() -> None:
+    """List the named settings with their descriptions."""
+    table = Table(header_style="bold")
+    for col in ("setting", "model", "epochs", "description"):
+        table.add_column(col)
+    for name, s in SETTINGS.items():
+        table.add_row(name, s.model_name, str(s.recipe.epochs), escape(s.description))
+    _out().print(table)
+
+
+def main() -> None:  # pragma: no cover - `python -m etda.cli`
+    app(prog_name="etda")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,14 @@
+"""Grad-Dot: ``tau_i(z) = grad L(z) . grad L(z_i)``."""
+
+from __future__ import annotations
+
+from etda.features import blocks as fb
+from etda.methods.base import MemberContext, MemberResult, Method, features_only
+
+
+class GradDot(Method):
+    name = "graddot"
+    target = "loss"
+
+    def member(self, train, test, ctx: MemberContext) -> MemberResult:
+        return MemberResult(fb.inner(features_only(test), features_only(train)))

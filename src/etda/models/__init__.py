@@ -1,0 +1,8 @@
+"""Small reference models and a name registry."""
+
+from etda.models.logistic import LogisticRegression
+from etda.models.mlp import MLP
+from etda.models.registry import MODELS, create_model
+from etda.models.resnet import ResNet9
+
+__all__ = ["MLP", "MODELS", "LogisticRegression", "ResNet9", "create_model"]

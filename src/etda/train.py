@@ -1,0 +1,262 @@
+"""Seeded, deterministic training of small classifiers, checkpoints, and safetensors weights."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("constant", "linear")
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """How to train a classifier: optimizer, learning-rate schedule, epochs, batch size."""
+
+    optimizer: str = field(
+        default="sgd", metadata={"help": "Optimizer: 'sgd' (with momentum) or 'adam'."}
+    )
+    lr: float = field(default=0.1, metadata={"help": "Peak learning rate (the rate at step 0)."})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum; ignored by Adam."})
+    weight_decay: float = field(
+        default=5e-4, metadata={"help": "L2 weight decay, applied to all parameters."}
+    )
+    epochs: int = field(default=20, metadata={"help": "Number of passes over the training data."})
+    batch_size: int = field(
+        default=100,
+        metadata={"help": "Examples per step; the last, smaller batch of an epoch is kept."},
+    )
+    lr_schedule: str = field(
+        default="linear",
+        metadata={
+            "help": "'constant', or 'linear': decay per step from lr to 0 over all of training."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainRecipe.optimizer={self.optimizer!r}; use one of {OPTIMIZERS}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"TrainRecipe.lr_schedule={self.lr_schedule!r}; use one of {LR_SCHEDULES}"
+            )
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"TrainRecipe.{name} must be a positive int, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainRecipe.lr must be positive, got {self.lr}")
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise ValueError(
+                f"TrainRecipe.momentum ({self.momentum}) and weight_decay ({self.weight_decay}) "
+                "must be >= 0"
+            )
+
+    def to_dict(self) -> dict:
+        """Plain dict of all fields (JSON-serializable)."""
+        return asdict(self)
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """Learning rate used by optimizer step ``step`` (0-based) of ``total_steps``."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        return self.lr * (1.0 - step / total_steps)
+
+
+@dataclass
+class TrainResult:
+    """A trained model and what it took to train it."""
+
+    model: nn.Module  # trained, left in eval() mode
+    seconds: float  # wall time of the training loop
+    checkpoints: list[dict[str, Tensor]]  # cloned state_dicts at the requested epochs
+    checkpoint_lrs: list[float]  # learning rate for each checkpoint (TracIn weights)
+    seed: int
+    recipe: TrainRecipe
+
+
+def _validate_xy(model: nn.Module, x: Tensor, y: Tensor) -> None:
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise TypeError(f"x and y must be tensors, got {type(x).__name__}, {type(y).__name__}")
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)}); pass at least one example")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"y has shape {tuple(y.shape)} but x has {x.shape[0]} examples; "
+            f"y must be a 1-D label tensor of shape ({x.shape[0]},)"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise ValueError(f"y must hold integer class labels, got {y.dtype}")
+    was_training = model.training
+    model.eval()  # eval: a probe forward must not update BatchNorm statistics
+    with torch.no_grad():
+        num_classes = model(x[:1].to(_device(model))).shape[-1]
+    model.train(was_training)
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(
+            f"y has labels in [{lo}, {hi}] but the model outputs {num_classes} classes; "
+            f"labels must lie in [0, {num_classes - 1}]"
+        )
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _batches(perm: Tensor, batch_size: int) -> list[Tensor]:
+    batches = list(perm.split(batch_size))
+    # A trailing batch of one breaks BatchNorm in train mode: fold it into the previous one.
+    if len(batches) > 1 and batches[-1].numel() == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
+def train_model(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    recipe: TrainRecipe,
+    seed: int,
+    checkpoint_epochs: Sequence[int] = (),
+    progress: bool = False,
+) -> TrainResult:
+    """Train ``model`` in place on x (N, ...) and int labels y (N,) with cross-entropy.
+
+    Deterministic in ``seed``: data order comes from a generator seeded with ``seed`` and all
+    global-RNG draws (dropout) happen inside ``fork_rng`` seeded with ``seed``, so the caller's
+    RNG state is untouched. ``checkpoint_epochs`` lists epochs e in [0, epochs] after which a
+    cloned state_dict is kept (0 = the initial weights); its lr is the mean lr of the steps of
+    epoch e (of the first step for e = 0), the usual TracIn weight for that interval.
+    """
+    _validate_xy(model, x, y)
+    ckpt = sorted(set(int(e) for e in checkpoint_epochs))
+    if ckpt and (ckpt[0] < 0 or ckpt[-1] > recipe.epochs):
+        raise ValueError(
+            f"checkpoint_epochs={list(checkpoint_epochs)} must lie in [0, {recipe.epochs}] "
+            "(0 = initial weights, e = after epoch e)"
+        )
+    device = _device(model)
+    x, y = x.to(device), y.to(device=device, dtype=torch.long)
+    n = x.shape[0]
+    steps_per_epoch = len(_batches(torch.arange(n), recipe.batch_size))
+    total_steps = steps_per_epoch * recipe.epochs
+    params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+        )
+    else:
+        opt = torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    checkpoints: list[dict[str, Tensor]] = []
+    checkpoint_lrs: list[float] = []
+
+    def snapshot(lr: float) -> None:
+        checkpoints.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        checkpoint_lrs.append(lr)
+
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model.train()
+        if 0 in ckpt:
+            snapshot(recipe.lr_at(0, total_steps))
+        step = 0
+        for epoch in range(1, recipe.epochs + 1):
+            loss_sum = torch.zeros((), device=device)
+            lrs = []
+            for idx in _batches(torch.randperm(n, generator=gen), recipe.batch_size):
+                lr = recipe.lr_at(step, total_steps)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                lrs.append(lr)
+                idx = idx.to(device)
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += loss.detach() * idx.numel()
+                step += 1
+            mean_loss = float(loss_sum) / n
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(
+                    f"training loss became {mean_loss} in epoch {epoch}; lower TrainRecipe.lr "
+                    f"(now {recipe.lr}) or check the inputs for NaN/inf"
+                )
+            if epoch in ckpt:
+                snapshot(sum(lrs) / len(lrs))
+            if progress:
+                print(
+                    f"epoch {epoch}/{recipe.epochs} loss {mean_loss:.4f} "
+                    f"({time.perf_counter() - start:.1f}s)",
+                    file=sys.stderr,
+                )
+    seconds = time.perf_counter() - start
+    model.eval()
+    return TrainResult(model, seconds, checkpoints, checkpoint_lrs, seed, recipe)
+
+
+def save_weights(
+    model_or_state: nn.Module | Mapping[str, Tensor], path: str | os.PathLike[str]
+) -> None:
+    """Save a model's state_dict (or a state dict) to ``path`` as safetensors, atomically."""
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        os.replace(tmp, path)  # never leave a half-written weights file behind
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+    """Load safetensors weights from ``path`` into ``model`` (in place) and return it.
+
+    Raises ValueError naming missing/unexpected keys or mismatched shapes.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path!r} does not exist")
+    state = load_file(path)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"weights in {path!r} do not match {type(model).__name__}: missing keys {missing}, "
+            f"unexpected keys {unexpected}; was the file saved from a different architecture?"
+        )
+    bad = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if state[k].shape != v.shape
+    ]
+    if bad:
+        raise ValueError(
+            f"weights in {path!r} have wrong shapes for {type(model).__name__}: "
+            + "; ".join(bad)
+            + ". Build the model with the same arguments as the saved one."
+        )
+    model.load_state_dict(state, strict=True)
+    return model

@@ -31,10 +31,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from etda import __version__
+from etda.evaluate.lds import _torch_threads
 from etda.settings import Setting
 from etda.train import load_weights, save_weights
 
-FORMAT = 1  # bump when the layout or the meaning of a cached model changes
+FORMAT = 2  # bump when the layout or the meaning of a cached model changes
 
 
 @dataclass
@@ -210,7 +211,10 @@ def _load_file(setting: Setting, seed: int, path: Path, digest: str) -> nn.Modul
 def _train_and_save(
     setting: Setting, seed: int, folder: Path, train_epochs: list[int], epochs: list[int]
 ) -> TrainedModel:
-    result = setting.train(seed, checkpoint_epochs=train_epochs)
+    # One thread, like the LDS retraining jobs: a seed then gives bitwise identical weights
+    # whatever thread count the caller uses (matmul summation order depends on threads).
+    with _torch_threads(1):
+        result = setting.train(seed, checkpoint_epochs=train_epochs)
     folder.mkdir(parents=True, exist_ok=True)
     weights = _weights_path(folder, seed)
     save_weights(result.model, weights)

@@ -13,6 +13,8 @@ Methods only ever see inner products, so they never know which featurizer ran.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
@@ -65,9 +67,37 @@ def inner(
         db = torch.as_tensor(b[f"d{j}"][cols]).to(dtype)
         aa = torch.as_tensor(a[f"a{j}"][rows]).to(dtype)
         ab = torch.as_tensor(b[f"a{j}"][cols]).to(dtype)
-        add((da @ db.T).mul_(aa @ ab.T))
+        add((da @ db.T).mul_(_gram(aa, ab)))
     if out is None:
         raise ValueError("no feature blocks to take inner products of")
+    return out
+
+
+# Input Gram matrices repeat across members: every member sees the same first-layer
+# inputs (the data), so A A^T of that layer is computed once per run, not once per member.
+_GRAM_CACHE: OrderedDict[tuple[str, str], Tensor] = OrderedDict()
+_GRAM_CACHE_BYTES = 512 * 1024**2
+_GRAM_CACHE_MIN_WIDTH = 256  # below this the product is cheaper than hashing
+
+
+def _digest(t: Tensor) -> str:
+    h = hashlib.blake2b(str((tuple(t.shape), t.dtype)).encode(), digest_size=16)
+    h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _gram(x: Tensor, y: Tensor) -> Tensor:
+    """``x y^T``, memoized by content for wide inputs (returns a tensor not to be mutated)."""
+    if x.shape[1] < _GRAM_CACHE_MIN_WIDTH:
+        return x @ y.T
+    key = (_digest(x), _digest(y))
+    if key in _GRAM_CACHE:
+        _GRAM_CACHE.move_to_end(key)
+        return _GRAM_CACHE[key]
+    out = x @ y.T
+    _GRAM_CACHE[key] = out
+    while sum(t.numel() * t.element_size() for t in _GRAM_CACHE.values()) > _GRAM_CACHE_BYTES:
+        _GRAM_CACHE.popitem(last=False)
     return out
 
 

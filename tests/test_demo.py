@@ -21,8 +21,8 @@ def test_demo_prints_quality_and_costs(tmp_path, monkeypatch):
                 "digits-mlp",
                 "--naive",
                 "2",
-                "--members",
-                "2",
+                "--efficient",
+                "dropout:2,checkpoints:2",
                 "--n-subsets",
                 "6",
                 "--executor",
@@ -36,6 +36,6 @@ def test_demo_prints_quality_and_costs(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     out = result.output
     assert "single model" in out and "naive ensemble (2 models)" in out
-    assert "dropout ensemble (2 members" in out
+    assert "dropout ensemble (2 members" in out and "checkpoints ensemble (2" in out
     assert "LDS" in out and "serve" in out and "proponents" in out
-    assert "efficient vs naive" in out
+    assert "vs naive: LDS" in out

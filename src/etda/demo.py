@@ -21,10 +21,11 @@ from etda.cost import human_bytes
 def demo(
     setting: str = typer.Option("fmnist-mlp", "--setting", "-s", help="Named setting."),
     naive: int = typer.Option(5, help="Models in the naive independent ensemble."),
-    ensemble: str = typer.Option(
-        "dropout", help="Efficient ensemble kind (see `etda attribute --help`)."
+    efficient: str = typer.Option(
+        "checkpoints:3,dropout:10",
+        help="Efficient ensembles from ONE trained model, as KIND:MEMBERS pairs "
+        "(kinds as in `etda attribute --ensemble`).",
     ),
-    members: int = typer.Option(10, help="Members of the efficient ensemble."),
     proj_dim: int = typer.Option(None, help="Projection dimension (default: exact kernel)."),
     n_subsets: int = typer.Option(50, help="Retrained subsets for the LDS ground truth."),
     executor: str = typer.Option("process", help="Executor for retraining: process|inprocess|ray."),
@@ -51,8 +52,12 @@ def demo(
     runs = [
         ("single model", "none", 1, None),
         (f"naive ensemble ({naive} models)", "none", naive, None),
-        (f"{ensemble} ensemble ({members} members, 1 model)", ensemble, 1, members),
     ]
+    for item in efficient.split(","):
+        kind, _, m = item.strip().partition(":")
+        if not m.isdigit() or int(m) <= 0:
+            raise typer.BadParameter(f"--efficient expects KIND:MEMBERS pairs, got {item!r}")
+        runs.append((f"{kind} ensemble ({m} members, 1 model)", kind, 1, int(m)))
     rows, first = [], None
     for label, kind, k, m in runs:
         console.print(f"-> {label}")
@@ -84,17 +89,23 @@ def demo(
             str(len(s.config["members"])),
         )
     console.print(table)
-    naive_c, eff_c = rows[1][1].costs, rows[2][1].costs
-    console.print(
-        f"efficient vs naive: LDS {rows[2][2].mean:.3f} vs {rows[1][2].mean:.3f}; training "
-        f"{eff_c.train_s / naive_c.train_s:.0%}, serving {eff_c.serve_s / naive_c.serve_s:.0%}, "
-        f"space {eff_c.bytes / naive_c.bytes:.0%} of the naive ensemble's"
-    )
+    naive_c, naive_lds = rows[1][1].costs, rows[1][2].mean
+    for label, s, res in rows[2:]:
+        c = s.costs
+        console.print(
+            f"{label} vs naive: LDS {res.mean:.3f} vs {naive_lds:.3f}; training "
+            f"{c.train_s / naive_c.train_s:.0%}, serving {c.serve_s / naive_c.serve_s:.0%}, "
+            f"space {c.bytes / naive_c.bytes:.0%} of the naive ensemble's"
+        )
     from etda.settings import get_setting
 
     data = get_setting(setting).data()
     names = data.class_names or (FMNIST_CLASSES if data.name == "fmnist" else ())
-    best = rows[2][1]
+    best = max(rows[2:], key=lambda r: r[2].mean)[1]
+    console.print(
+        "top proponents/opponents by the best efficient ensemble "
+        f"({best.config['ensemble']['kind']}):"
+    )
     for item in best.top(k=3)[:top]:
         t = item["test"]
         label = names[int(data.y_test[t])] if names else int(data.y_test[t])

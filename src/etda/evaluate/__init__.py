@@ -1,4 +1,4 @@
-"""Evaluation: the linear datamodeling score (LDS) with cached retraining ground truth."""
+"""Evaluation: LDS with cached retraining ground truth, mislabel detection, variance theory."""
 
 from etda.evaluate.lds import (
     GroundTruth,
@@ -9,13 +9,43 @@ from etda.evaluate.lds import (
     load_ground_truth,
     spearman_rows,
 )
+from etda.evaluate.mislabel import (
+    detection_report,
+    flip_labels,
+    roc_auc,
+    run_mislabel,
+    self_influence,
+    training_loss,
+)
+from etda.evaluate.variance import (
+    VarianceAccumulator,
+    VarianceStats,
+    ensemble_variance,
+    fit_variance,
+    measure,
+    member_projections,
+    predict,
+)
 
 __all__ = [
     "GroundTruth",
     "LDSConfig",
     "LDSResult",
+    "VarianceAccumulator",
+    "VarianceStats",
+    "detection_report",
+    "ensemble_variance",
+    "fit_variance",
+    "flip_labels",
     "ground_truth",
     "lds",
     "load_ground_truth",
+    "measure",
+    "member_projections",
+    "predict",
+    "roc_auc",
+    "run_mislabel",
+    "self_influence",
     "spearman_rows",
+    "training_loss",
 ]

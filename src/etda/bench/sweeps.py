@@ -1,0 +1,250 @@
+"""The declarative sweep tables of ``etda bench``: which configurations run, in which order.
+
+A configuration is a method x ensemble kind x size (plus options); its ``key`` names it in
+``results.json``, so a sweep can be extended without recomputing what is there. ``FULL`` is
+the benchmark of the issues (TRAK over every ensemble kind and size, the other methods at one
+size each); ``QUICK`` a small subset that runs in a few minutes on two cores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from etda.experiment import DEFAULT_MEMBERS, ENSEMBLES
+from etda.methods import METHODS
+
+SHORT = {
+    "none": "naive",
+    "dropout": "dropout",
+    "dropout-per-example": "dropout/ex",
+    "dropout-forward": "dropout-fwd",
+    "lora": "LoRA",
+    "projection-seeds": "proj-seeds",
+    "checkpoints": "checkpoints",
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One attribution to run and score: ``models`` trained models x ``members`` each.
+
+    ``members``: per trained model (``None``: the kind's default; checkpoints: checkpoints
+    of the run). ``p``: dropout-rate override; ``proj_dim``/``projection``/``damping``: as for
+    ``etda attribute`` (``None``/``"auto"``: the library's defaults).
+    """
+
+    method: str
+    ensemble: str = "none"
+    models: int = 1
+    members: int | None = None
+    proj_dim: int | None = None
+    projection: str = "auto"
+    damping: str | None = None
+    p: float | None = None
+    rank: int = 8
+    lora_epochs: int = 2
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {sorted(METHODS)}")
+        if self.ensemble not in ENSEMBLES:
+            raise ValueError(f"unknown ensemble {self.ensemble!r}; choose from {list(ENSEMBLES)}")
+
+    @property
+    def m(self) -> int:
+        """Members per trained model."""
+        return self.members if self.members is not None else DEFAULT_MEMBERS[self.ensemble]
+
+    @property
+    def total_members(self) -> int:
+        return self.models * self.m
+
+    @property
+    def family(self) -> str:
+        """``naive`` for the independent ensemble, else the kind (``hybrid-`` for K > 1)."""
+        if self.ensemble == "none":
+            return "naive"
+        return f"hybrid-{self.ensemble}" if self.models > 1 else self.ensemble
+
+    @property
+    def key(self) -> str:
+        parts = [self.method, self.ensemble, f"k{self.models}", f"m{self.m}"]
+        if self.proj_dim is not None:
+            parts.append(f"d{self.proj_dim}")
+        if self.projection != "auto":
+            parts.append(self.projection)
+        if self.damping is not None:
+            parts.append(f"damp{self.damping}")
+        if self.p is not None:
+            parts.append(f"p{self.p:g}")
+        if self.ensemble == "lora":
+            parts.append(f"r{self.rank}e{self.lora_epochs}")
+        return "/".join(parts)
+
+    @property
+    def label(self) -> str:
+        """Short plot label, e.g. ``naive 5``, ``dropout 10``, ``2x10 dropout``."""
+        kind = SHORT[self.ensemble]
+        if self.ensemble == "none":
+            return f"naive {self.models}"
+        if self.models > 1:
+            return f"{self.models}x{self.m} {kind}"
+        return f"{kind} {self.m}"
+
+    def to_dict(self) -> dict:
+        return {
+            **asdict(self),
+            "m": self.m,
+            "key": self.key,
+            "label": self.label,
+            "family": self.family,
+        }
+
+
+@dataclass(frozen=True)
+class MislabelConfig:
+    """A mislabel-detection run. ``ensemble="best-dropout"`` takes the dropout configuration
+    (one model, same method) with the best LDS in the sweep's results. ``dropout``/``epochs``
+    override the model's dropout rate and the recipe's epochs (``epochs_factor`` multiplies
+    the setting's epochs): a model that memorizes its noise."""
+
+    method: str = "trak"
+    ensemble: str = "none"
+    models: int = 1
+    members: int | None = None
+    p: float | None = None
+    fraction: float = 0.1
+    seed: int = 0
+    dropout: float | None = None
+    epochs_factor: int | None = None
+    note: str = ""
+
+    @property
+    def key(self) -> str:
+        parts = [self.method, self.ensemble, f"k{self.models}"]
+        if self.members is not None:
+            parts.append(f"m{self.members}")
+        if self.p is not None:
+            parts.append(f"p{self.p:g}")
+        parts.append(f"flip{self.fraction:g}-s{self.seed}")
+        if self.dropout is not None:
+            parts.append(f"dropout{self.dropout:g}")
+        if self.epochs_factor is not None:
+            parts.append(f"epochs-x{self.epochs_factor}")
+        return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class VarianceConfig:
+    """The K x M hybrid whose member scores fit the variance theory."""
+
+    method: str = "trak"
+    ensemble: str = "dropout"
+    models: int = 3
+    members: int = 5
+    predict_models: tuple[int, ...] = (1, 2, 3, 5, 10)
+    predict_members: tuple[int, ...] = (1, 2, 3, 5, 10, 20, 50)
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}/{self.ensemble}/k{self.models}/m{self.members}"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    configs: tuple[BenchConfig, ...]
+    mislabel: tuple[MislabelConfig, ...] = ()
+    variance: VarianceConfig | None = None
+
+    def only(self, methods: list[str] | None) -> Sweep:
+        """The sweep restricted to ``methods`` (None: all)."""
+        if not methods:
+            return self
+        unknown = sorted(set(methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+        keep = set(methods)
+        var = self.variance if self.variance and self.variance.method in keep else None
+        return replace(
+            self,
+            configs=tuple(c for c in self.configs if c.method in keep),
+            mislabel=tuple(c for c in self.mislabel if c.method in keep),
+            variance=var,
+        )
+
+
+def _trak_full() -> list[BenchConfig]:
+    out = [BenchConfig("trak", "none", k) for k in (1, 2, 5, 10)]
+    for kind in ("dropout", "dropout-per-example", "dropout-forward"):
+        out += [BenchConfig("trak", kind, 1, m) for m in (10, 20, 50)]
+    out += [BenchConfig("trak", "lora", 1, m) for m in (4, 8, 16)]
+    out += [
+        BenchConfig("trak", "dropout", 2, 10),
+        # Without a projection every seed gives the same features: project to compare.
+        BenchConfig("trak", "projection-seeds", 1, 10, proj_dim=512),
+        BenchConfig("trak", "checkpoints", 1, 5),
+    ]
+    return out
+
+
+def _others_full() -> list[BenchConfig]:
+    out = []
+    for method in ("graddot", "gradcos", "if"):
+        out += [
+            BenchConfig(method, "none", 1),
+            BenchConfig(method, "none", 5),
+            BenchConfig(method, "dropout", 1, 10),
+            BenchConfig(method, "lora", 1, 8),
+        ]
+    out.append(BenchConfig("tracin", "none", 1))  # 5 checkpoints of one run
+    return out
+
+
+FULL = Sweep(
+    "full",
+    tuple(_trak_full() + _others_full()),
+    mislabel=(
+        MislabelConfig("trak", "none", 1),
+        MislabelConfig("trak", "none", 5),
+        MislabelConfig("trak", "best-dropout", 1),
+        MislabelConfig("graddot", "none", 1),
+        MislabelConfig("trak", "none", 1, dropout=0.0, epochs_factor=3, note="memorizes"),
+        MislabelConfig(
+            "trak", "dropout", 1, 10, p=0.1, dropout=0.0, epochs_factor=3, note="memorizes"
+        ),
+    ),
+    variance=VarianceConfig("trak", "dropout", 3, 5),
+)
+
+QUICK = Sweep(
+    "quick",
+    (
+        BenchConfig("trak", "none", 1),
+        BenchConfig("trak", "none", 2),
+        BenchConfig("trak", "none", 4),
+        BenchConfig("trak", "dropout", 1, 5),
+        BenchConfig("trak", "dropout-forward", 1, 5),
+        BenchConfig("trak", "dropout-per-example", 1, 3),
+        BenchConfig("trak", "lora", 1, 3),
+        BenchConfig("trak", "dropout", 2, 3),
+        BenchConfig("trak", "projection-seeds", 1, 3, proj_dim=512),
+        BenchConfig("trak", "checkpoints", 1, 3),
+        BenchConfig("graddot", "none", 1),
+        BenchConfig("gradcos", "none", 1),
+        BenchConfig("if", "none", 1),
+    ),
+    mislabel=(
+        MislabelConfig("trak", "none", 1),
+        MislabelConfig("trak", "best-dropout", 1),
+        MislabelConfig("trak", "none", 1, dropout=0.0, epochs_factor=2, note="memorizes"),
+    ),
+    variance=VarianceConfig("trak", "dropout", 2, 3, predict_models=(1, 2, 5, 10)),
+)
+
+SWEEPS = {"full": FULL, "quick": QUICK}
+
+
+def get_sweep(quick: bool = False, methods: list[str] | None = None) -> Sweep:
+    """The quick or full sweep, restricted to ``methods`` if given."""
+    return (QUICK if quick else FULL).only(methods)

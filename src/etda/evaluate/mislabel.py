@@ -1,0 +1,438 @@
+"""Mislabel detection: flip a seeded fraction of training labels, train, rank by self-influence.
+
+The self-influence of training example ``i`` is the diagonal entry ``tau_i(z_i)`` of the
+attribution with test set = training set: how much the example supports its own (possibly
+wrong) label. Flipped labels should rank high. Every report carries two trivial baselines
+beside it (SPEC.md, "How quality is measured"):
+
+* ``loss``: the per-example training loss of the noisy-label model(s) under the noisy labels;
+* ``random``: a seeded random ranking (AUC about 0.5, found-at-x% about x%).
+
+On a model that does not memorize its flipped labels (fmnist-mlp trained with dropout, 10 %
+flips) the plain loss ranks the flips about as well as self-influence: attribution adds
+something only where the model fits the noise (no dropout, long training). The report
+records ``memorized``, the fraction of flipped examples whose noisy label the model predicts,
+so that the reader can tell which regime a number comes from.
+
+The diagonal is computed without the ``n x n`` matrix where the method allows it (Grad-Dot
+and TracIn: squared gradient norms; TRAK and influence functions with the eigen solver: the
+diagonal of the damped solve); other methods fall back to the full matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from etda.features import blocks as fb
+from etda.methods import METHODS, MemberContext, MemberResult, Method, get_method
+from etda.methods.base import features_only
+from etda.methods.graddot import GradDot
+from etda.methods.influence import InfluenceFunction
+from etda.methods.solve import DampedSystem, _cholesky, choose_damping
+from etda.methods.trak import TRAK
+
+FOUND_AT = (0.05, 0.10, 0.20, 0.30)  # fractions of the training set inspected
+CURVE_POINTS = 101
+
+
+# ------------------------------------------------------------------------ label noise
+
+
+def flip_labels(
+    y: Tensor | np.ndarray,
+    fraction: float = 0.1,
+    num_classes: int | None = None,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Flip ``round(fraction * n)`` labels, chosen with ``seed``, each to a *different* class.
+
+    Returns ``(y_noisy, flipped)``: int64 labels ``(n,)`` and a bool mask ``(n,)``. The new
+    class is uniform over the ``num_classes - 1`` other classes (default: ``max(y) + 1``).
+    """
+    y = torch.as_tensor(np.asarray(y) if not isinstance(y, Tensor) else y).long()
+    if y.ndim != 1 or y.numel() == 0:
+        raise ValueError(f"y must be a non-empty 1-D label tensor, got shape {tuple(y.shape)}")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    num_classes = int(y.max()) + 1 if num_classes is None else int(num_classes)
+    if num_classes < 2:
+        raise ValueError(f"flipping labels needs at least 2 classes, got {num_classes}")
+    if int(y.min()) < 0 or int(y.max()) >= num_classes:
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]"
+        )
+    n = y.numel()
+    rng = np.random.Generator(np.random.PCG64(seed))
+    idx = np.sort(rng.choice(n, size=int(round(fraction * n)), replace=False))
+    shift = rng.integers(1, num_classes, size=idx.size)  # 1..C-1: never the same class
+    y_noisy = y.clone()
+    y_noisy[idx] = (y[idx] + torch.from_numpy(shift)) % num_classes
+    flipped = torch.zeros(n, dtype=torch.bool)
+    flipped[idx] = True
+    return y_noisy, flipped
+
+
+# --------------------------------------------------------------------- self-influence
+
+
+class SelfInfluence(Method):
+    """Wraps a method so that each member returns only the diagonal ``(1, n_train)``.
+
+    The member sees the training features only; the combination rule is the wrapped
+    method's (TRAK: the kernel diagonal and Q averaged separately), so the combined result
+    equals the diagonal of the full ensemble attribution with test = train.
+    """
+
+    SUPPORTED = ("graddot", "tracin", "trak", "if")
+
+    def __init__(self, inner: Method) -> None:
+        if not self.supports(inner):
+            raise ValueError(f"no diagonal shortcut for method {inner.name!r}")
+        self.inner = inner
+        self.name = f"self-{inner.name}"  # type: ignore[misc]
+        self.target = inner.target  # type: ignore[misc]
+        self.combine = inner.combine  # type: ignore[misc]
+        self.uses_checkpoints = inner.uses_checkpoints  # type: ignore[misc]
+
+    @staticmethod
+    def supports(inner: Method) -> bool:
+        if isinstance(inner, InfluenceFunction):
+            return inner.solver == "eigen"
+        return isinstance(inner, GradDot | TRAK)  # GradDot covers TracIn
+
+    def options(self) -> dict:
+        return {**self.inner.options(), "diagonal": True}
+
+    def member(self, train, test, ctx: MemberContext) -> MemberResult:
+        tr = features_only(train)
+        if isinstance(self.inner, GradDot):
+            return MemberResult(fb.sq_norms(tr)[None, :])
+        system = DampedSystem(tr, self.inner.form)
+        q = torch.as_tensor(train["q"][:, 0]).double()
+        scale = float(system.n) if isinstance(self.inner, InfluenceFunction) else 1.0
+        d = choose_damping(system, self.inner.damping, y=q, scale=scale)
+        diag = scale * damped_diagonal(system, d.lam)
+        info: dict[str, Any] = {"damping": d.to_dict(), "form": system.form}
+        if isinstance(self.inner, TRAK):
+            return MemberResult(diag[None, :], q=q, info=info)
+        info["damping"]["lam_H"] = d.lam / scale
+        return MemberResult(diag[None, :], info=info)
+
+
+def damped_diagonal(system: DampedSystem, lam: float) -> Tensor:
+    """``diag(Phi (Phi^T Phi + lam I)^-1 Phi^T)``, ``(n,)``, as ``DampedSystem.solve`` would
+    compute it with test = train, without the ``n x n`` result in feature space."""
+    if system.form == "feature":
+        a = system.gram.clone()
+        a.diagonal().add_(lam)
+        right = torch.cholesky_solve(system.phi.T, _cholesky(a))  # (k, n)
+        return (system.phi * right.T).sum(1)
+    a = system.kmat.clone()
+    a.diagonal().add_(lam)
+    chol = _cholesky(a)  # may add jitter to a's diagonal in place
+    shift = float((a.diagonal() - system.kmat.diagonal()).mean())
+    # K (K + s I)^-1 = I - s (K + s I)^-1: one triangular inverse instead of an n x n solve.
+    return 1.0 - shift * torch.cholesky_inverse(chol).diagonal()
+
+
+def split_options(method: str | Method, options: dict) -> tuple[Method, dict]:
+    """The method object (built with the options it accepts) and the remaining options."""
+    if isinstance(method, Method):
+        return method, options
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+    accepted = set(inspect.signature(METHODS[method]).parameters)
+    mine = {k: v for k, v in options.items() if k in accepted}
+    rest = {k: v for k, v in options.items() if k not in accepted}
+    return get_method(method, **mine), rest
+
+
+def self_influence_scores(
+    models: nn.Module | Sequence[nn.Module],
+    x: Tensor,
+    y: Tensor,
+    method: str | Method = "trak",
+    ensemble: object = None,
+    **options: Any,
+):
+    """Self-influence as :class:`etda.Scores` of shape ``(1, n)`` (with costs and config).
+
+    ``options``: the method's options (``damping``, ...) and ``etda.attribute``'s
+    (``proj_dim``, ``projection``, ``seed``, ``train_seconds``, ...).
+    """
+    from etda.attribute import attribute
+    from etda.scores import Scores
+
+    m_obj, rest = split_options(method, dict(options))
+    if m_obj.name == "gradcos":
+        raise ValueError(
+            "Grad-Cos self-influence is the cosine of a gradient with itself, 1 for every "
+            "example: it cannot rank mislabels. Use graddot, trak or if."
+        )
+    x, y = torch.as_tensor(x), torch.as_tensor(y).long()
+    if SelfInfluence.supports(m_obj):
+        # The test set is a single example: the diagonal needs only training features.
+        return attribute(models, (x, y), (x[:1], y[:1]), SelfInfluence(m_obj), ensemble, **rest)
+    full = attribute(models, (x, y), (x, y), m_obj, ensemble, **rest)
+    return Scores(np.diagonal(full.values).copy()[None, :], full.method, full.config, full.costs)
+
+
+def self_influence(
+    models: nn.Module | Sequence[nn.Module],
+    x: Tensor,
+    y: Tensor,
+    method: str | Method = "trak",
+    ensemble: object = None,
+    **options: Any,
+) -> np.ndarray:
+    """Self-influence ``tau_i(z_i)`` of every training example, float64 ``(n,)``.
+
+    Equals ``np.diag(etda.attribute(models, (x, y), (x, y), method, ensemble).values)`` (for
+    per-example dropout masks it uses each example's training mask on both sides).
+    """
+    return np.asarray(
+        self_influence_scores(models, x, y, method, ensemble, **options).values[0], np.float64
+    )
+
+
+@torch.no_grad()
+def training_loss(
+    models: nn.Module | Sequence[nn.Module], x: Tensor, y: Tensor, batch_size: int = 1000
+) -> np.ndarray:
+    """Per-example cross-entropy under labels ``y``, averaged over ``models`` (eval mode)."""
+    models = [models] if isinstance(models, nn.Module) else list(models)
+    total = torch.zeros(x.shape[0], dtype=torch.float64)
+    for m in models:
+        was = m.training
+        m.eval()
+        for lo in range(0, x.shape[0], batch_size):
+            out = m(x[lo : lo + batch_size])
+            loss = nn.functional.cross_entropy(out, y[lo : lo + batch_size], reduction="none")
+            total[lo : lo + batch_size] += loss.double()
+        m.train(was)
+    return (total / len(models)).numpy()
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """ROC-AUC of ranking by ``scores`` (higher = more suspicious) for bool ``positive``.
+
+    The Mann-Whitney statistic with average ranks for ties: 1 when every positive outranks
+    every negative, 0 when every negative outranks every positive.
+    """
+    from scipy.stats import rankdata
+
+    scores = np.asarray(scores, np.float64)
+    positive = np.asarray(positive, bool)
+    if scores.shape != positive.shape or scores.ndim != 1:
+        raise ValueError(
+            f"scores {scores.shape} and the flipped mask {positive.shape} must be equal 1-D"
+        )
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("ROC-AUC needs both flipped and clean examples")
+    if not np.isfinite(scores).all():
+        raise ValueError("ranking scores contain NaN or inf")
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def detection_report(
+    scores_for_ranking: np.ndarray,
+    flipped_mask: np.ndarray | Tensor,
+    found_at: Sequence[float] = FOUND_AT,
+    points: int = CURVE_POINTS,
+) -> dict:
+    """How well ranking by ``scores_for_ranking`` (high first) finds the flipped labels.
+
+    Returns ``{"auc", "found_at": {"5%": fraction of flips found in the top 5 %, ...},
+    "curve": {"inspected": [...], "found": [...]}}`` (the curve at ``points`` fractions of the
+    training set inspected, 0..1). Ties are broken by index (stable).
+    """
+    s = np.asarray(scores_for_ranking, np.float64)
+    flipped = np.asarray(flipped_mask, bool)
+    auc = roc_auc(s, flipped)
+    order = np.argsort(-s, kind="stable")
+    hits = np.concatenate([[0], np.cumsum(flipped[order])]) / flipped.sum()  # (n + 1,)
+    n = s.size
+
+    def found(frac: float) -> float:
+        return float(hits[int(np.ceil(frac * n - 1e-9))])
+
+    grid = np.linspace(0.0, 1.0, points)
+    return {
+        "auc": auc,
+        "found_at": {f"{round(100 * f)}%": found(f) for f in found_at},
+        "curve": {"inspected": grid.tolist(), "found": [found(f) for f in grid]},
+    }
+
+
+def random_ranking(n: int, seed: int = 0) -> np.ndarray:
+    """A seeded random ranking score ``(n,)`` (the trivial baseline)."""
+    return np.random.Generator(np.random.PCG64([seed, 0x5EED])).random(n)
+
+
+# -------------------------------------------------------------------- noisy settings
+
+
+def _noisy_data(data_fn: Any, fraction: float, seed: int) -> Any:
+    bundle = data_fn()
+    y_noisy, _ = flip_labels(bundle.y_train, fraction, bundle.num_classes, seed)
+    return dataclasses.replace(bundle, y_train=y_noisy, name=f"{bundle.name}-flip")
+
+
+def noisy_setting(
+    setting: Any,
+    fraction: float = 0.1,
+    seed: int = 0,
+    dropout: float | None = None,
+    epochs: int | None = None,
+) -> Any:
+    """``setting`` with a seeded ``fraction`` of training labels flipped (its own model cache).
+
+    ``dropout``/``epochs`` override the model's dropout rate and the recipe's epochs (models
+    that memorize the noise: ``dropout=0``, more epochs). The name records every change.
+    """
+    from etda.settings import Setting, get_setting
+
+    setting = get_setting(setting) if isinstance(setting, str) else setting
+    name = f"{setting.name}-flip{fraction:g}-s{seed}"
+    kwargs = dict(setting.model_kwargs)
+    if dropout is not None:
+        if "dropout" not in inspect.signature(_model_class(setting.model_name)).parameters:
+            raise ValueError(f"model {setting.model_name!r} has no dropout rate to override")
+        kwargs["dropout"] = float(dropout)
+        name += f"-p{dropout:g}"
+    recipe = setting.recipe
+    if epochs is not None:
+        recipe = dataclasses.replace(recipe, epochs=int(epochs))
+        name += f"-e{epochs}"
+    return Setting(
+        name=name,
+        model_name=setting.model_name,
+        model_kwargs=kwargs,
+        recipe=recipe,
+        data_fn=functools.partial(_noisy_data, setting.data_fn, fraction, seed),
+        description=f"{setting.description}; {fraction:.0%} labels flipped (seed {seed})",
+    )
+
+
+def _model_class(name: str) -> Any:
+    from etda.models.registry import MODELS
+
+    return MODELS[name]
+
+
+def run_mislabel(
+    setting: Any,
+    method: str = "trak",
+    ensemble: str = "none",
+    fraction: float = 0.1,
+    seed: int = 0,
+    *,
+    k_models: int = 1,
+    members: int | None = None,
+    p: float | None = None,
+    rank: int = 8,
+    lora_epochs: int = 2,
+    dropout: float | None = None,
+    epochs: int | None = None,
+    model_dir: str = "runs/models",
+    progress: bool = False,
+    **options: Any,
+) -> dict:
+    """Flip labels, train ``k_models`` noisy models with the setting's recipe (cached in
+    ``model_dir``), rank training examples by self-influence and report detection.
+
+    ``ensemble``: a kind of ``etda.experiment.ENSEMBLES`` (with ``members``, ``p``, ``rank``,
+    ``lora_epochs``); ``dropout``/``epochs``: see :func:`noisy_setting`; ``options``: method
+    and attribution options (``damping``, ``proj_dim``, ...).
+
+    Returns a JSON-ready dict: ``self_influence``, ``loss`` and ``random`` detection reports
+    (:func:`detection_report`), ``memorized`` (fraction of flips whose noisy label the model
+    predicts), test accuracy, costs and the chosen configuration.
+    """
+    from etda.experiment import (
+        _checkpoint_models,
+        accuracy,
+        checkpoint_schedule,
+        damping_summary,
+        make_ensemble,
+    )
+    from etda.settings import get_setting
+    from etda.zoo import trained_models
+
+    base = get_setting(setting) if isinstance(setting, str) else setting
+    noisy = noisy_setting(base, fraction, seed, dropout, epochs)
+    data, clean = noisy.data(), base.data()
+    flipped = (data.y_train != clean.y_train).numpy()
+    ens = make_ensemble(ensemble, members, p=p, rank=rank, lora_epochs=lora_epochs)
+    if method == "tracin" and ensemble == "checkpoints":
+        raise ValueError("TracIn already sums over checkpoints; use another ensemble with it")
+    n_ckpt = (members or 5) if ensemble == "checkpoints" else 5
+    needs_ckpt = ensemble == "checkpoints" or (method == "tracin" and ensemble != "lora")
+    ckpt_epochs = checkpoint_schedule(noisy.recipe.epochs, n_ckpt) if needs_ckpt else []
+    t0 = time.perf_counter()
+    tms = trained_models(
+        noisy, k_models, model_dir, checkpoint_epochs=ckpt_epochs, progress=progress
+    )
+    models = [tm.model for tm in tms]
+    attr_models = _checkpoint_models(noisy, tms) if ensemble == "checkpoints" else models
+    if method == "tracin" and ensemble != "lora":
+        options = {
+            **options,
+            "checkpoints": [tm.checkpoints for tm in tms],
+            "checkpoint_lrs": tms[0].checkpoint_lrs,
+        }
+    x, y = data.x_train, data.y_train
+    scores = self_influence_scores(
+        attr_models,
+        x,
+        y,
+        method,
+        ens,
+        train_seconds=sum(tm.seconds for tm in tms),
+        progress=progress,
+        **options,
+    )
+    si = np.asarray(scores.values[0], np.float64)
+    loss = training_loss(models, x, y)
+    with torch.no_grad():
+        pred = torch.stack([m(x).argmax(-1) for m in models])  # (K, n)
+    fits_noisy = (pred == y[None]).double().mean(0).numpy()
+    return {
+        "setting": base.name,
+        "noisy_setting": noisy.name,
+        "fraction": fraction,
+        "seed": seed,
+        "n_train": int(flipped.size),
+        "n_flipped": int(flipped.sum()),
+        "method": scores.method.removeprefix("self-"),
+        "ensemble": ensemble,
+        "models": k_models,
+        "members": members,
+        "dropout": dropout,
+        "epochs": noisy.recipe.epochs,
+        "model_dropout": noisy.model_kwargs.get("dropout"),
+        "self_influence": detection_report(si, flipped),
+        "loss": detection_report(loss, flipped),
+        "random": detection_report(random_ranking(flipped.size, seed), flipped),
+        "memorized": float(fits_noisy[flipped].mean()),
+        "clean_train_accuracy": float(fits_noisy[~flipped].mean()),
+        "test_accuracy": float(np.mean([accuracy(m, data.x_test, data.y_test) for m in models])),
+        "costs": scores.costs.to_dict(),
+        "damping": damping_summary(scores),
+        "models_cached": int(sum(tm.cached for tm in tms)),
+        "wall_s": time.perf_counter() - t0,
+    }

@@ -93,6 +93,21 @@ def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(dtype) if x.is_floating_point() else x
 
 
+def _exact_features_fit(
+    model: nn.Module, task: Task, params: ParamSelector, x: Tensor, y: Tensor, n: int, budget: int
+) -> bool:
+    """Whether exact (unprojected) features of ``n`` examples fit half the memory budget."""
+    m = copy.deepcopy(model).eval()
+    names = select_parameters(m, params if params != "all" else "all")
+    probe = (_cast(x[:1], next(m.parameters()).dtype), y[:1])
+    try:
+        widths = Featurizer(m, task, names, FeatureSpec("none"), probe).widths()
+    except ValueError:  # e.g. adapters requested on a model without them: decided later
+        return True
+    width = sum(w for k, w in widths.items() if k not in fb.EXTRA)
+    return 4 * n * width <= budget // 2
+
+
 def _probe(model: nn.Module, task: Task, x: Tensor, y: Tensor, name: str) -> None:
     was_training = model.training
     model.eval()  # a probe must not update BatchNorm statistics of the user's model
@@ -267,7 +282,16 @@ def attribute(
     n_train = x_train.shape[0]
     if getattr(m_obj, "solver", None) == "cg" and projection == "auto":
         projection = "identity"
+    auto = projection == "auto"
     projection = _resolve_projection(projection, proj_dim, n_train, budget)
+    if (
+        auto
+        and projection == "none"
+        and not _exact_features_fit(
+            models[0], task, params, x_train, y_train, n_train + x_test.shape[0], budget
+        )
+    ):
+        projection = "factored"  # e.g. token models: every layer sees T positions
     ensemble = ensemble or Independent()
     torch_dtype = getattr(torch, dtype)
     n_params = max(sum(p.numel() for p in m.parameters()) for m in models)

@@ -391,7 +391,7 @@ def _print_summary(scores, result, out: Path, top: int, top_k: int) -> None:
 
             t.add_row(
                 str(ti),
-                escape(label(int(data.y_test[ti]))),
+                escape(label(int(data.y_test[ti])) if data.y_test.ndim == 1 else "(sequence)"),
                 escape(fmt(row["proponents"])),
                 escape(fmt(row["opponents"])),
             )
@@ -482,8 +482,221 @@ def settings() -> None:
     _out().print(table)
 
 
+from etda.demo import demo as _demo  # noqa: E402  (kept in its own module)
+
+app.command(name="demo")(_demo)
+
+
+# ------------------------------------------------------------------ bench and report
+
+
+@app.command()
+def bench(
+    setting: SettingOpt = "fmnist-mlp",
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A small sweep that runs in a few minutes.")
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Results folder (default benchmarks/results/<setting>[-quick])."),
+    ] = None,
+    methods: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated methods to keep, e.g. trak,graddot (default: all)."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rerun configurations already in results.json.")
+    ] = False,
+    with_mislabel: Annotated[
+        bool,
+        typer.Option("--mislabel/--no-mislabel", help="Mislabel detection for a few configs."),
+    ] = True,
+    with_variance: Annotated[
+        bool,
+        typer.Option("--variance/--no-variance", help="Fit the ensemble-variance theory."),
+    ] = True,
+    with_report: Annotated[
+        bool, typer.Option("--report/--no-report", help="Write report.md and the plots.")
+    ] = True,
+    n_subsets: NSubsetsOpt = 50,
+    fraction: FractionOpt = 0.5,
+    seeds_per_subset: SeedsPerSubsetOpt = 1,
+    executor: ExecutorOpt = "process",
+    workers: WorkersOpt = None,
+    address: AddressOpt = None,
+    lds_cache: LdsCacheOpt = Path("runs/lds-cache"),
+    model_dir: ModelDirOpt = Path("runs/models"),
+    threads: ThreadsOpt = None,
+    progress: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="Progress bars on stderr.")
+    ] = False,
+) -> None:
+    """Sweep method x ensemble x size on a setting: LDS, costs, mislabel AUC, variance fit.
+
+    Writes results.json, report.md and PNG plots into OUT.
+    Resumable: configurations already in results.json are skipped unless --force.
+    """
+    from etda.bench.runner import run_bench
+
+    config = _lds_config(n_subsets, fraction, seeds_per_subset)
+    wanted = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    for m in wanted or []:
+        _method_cb(m)
+    set_threads(threads)
+    con = _out()
+    with _user_errors():
+        run_bench(
+            setting,
+            quick,
+            out,
+            wanted,
+            executor=executor,
+            workers=workers,
+            address=address,
+            force=force,
+            model_dir=model_dir,
+            lds_cache=lds_cache,
+            lds_config=config,
+            mislabel=with_mislabel,
+            variance=with_variance,
+            report=with_report,
+            progress=progress,
+            log=lambda text: con.print(escape(text), soft_wrap=True),
+        )
+
+
+@app.command()
+def report(
+    results_dir: Annotated[
+        Path, typer.Argument(help="A folder holding results.json (written by etda bench).")
+    ],
+) -> None:
+    """Turn a benchmark's results.json into report.md and PNG plots (Pareto, mislabel,
+    variance theory)."""
+    from etda.report import write_report
+
+    with _user_errors():
+        files = write_report(results_dir)
+    for f in files:
+        _out().print(escape(str(f)))
+
+
 def main() -> None:  # pragma: no cover - `python -m etda.cli`
     app(prog_name="etda")
+
+
+# ----------------------------------------------------------------------------- explain
+# Kept after the rest on purpose (a self-contained addition); `etda explain` is registered
+# when the module is imported, which is how the `etda` entry point runs.
+
+
+@app.command()
+def explain(
+    setting: SettingOpt = "kjv-transformer",
+    test: Annotated[int, typer.Option("--test", "-t", min=0, help="Test example to explain.")] = 0,
+    prompt: Annotated[
+        str | None,
+        typer.Option(help="Sequence settings: generate from this prompt, explain the result."),
+    ] = None,
+    length: Annotated[
+        int | None,
+        typer.Option(
+            callback=_positive_cb,
+            help="Characters to generate (default: enough to fill one training window).",
+        ),
+    ] = None,
+    temperature: Annotated[
+        float, typer.Option(min=0.0, help="Sampling temperature (0: greedy); seeded by --seed.")
+    ] = 0.8,
+    method: Annotated[
+        str,
+        typer.Option("--method", "-m", callback=_method_cb, help=f"Method: {' | '.join(METHODS)}."),
+    ] = "trak",
+    ensemble: Annotated[
+        str,
+        typer.Option(
+            "--ensemble", "-e", callback=_ensemble_cb, help=f"Ensemble: {' | '.join(ENSEMBLES)}."
+        ),
+    ] = "none",
+    models: Annotated[
+        int,
+        typer.Option(
+            "--models", "-k", callback=_positive_cb, help="Independently trained models (K)."
+        ),
+    ] = 1,
+    members: Annotated[
+        int | None,
+        typer.Option("--members", "-M", callback=_positive_cb, help="Members per model (M)."),
+    ] = None,
+    top_k: Annotated[int, typer.Option(min=1, help="Proponents and opponents shown.")] = 5,
+    proj_dim: Annotated[
+        int | None,
+        typer.Option(callback=_positive_cb, help="Projection dimension (default: auto)."),
+    ] = None,
+    projection: Annotated[
+        str,
+        typer.Option(
+            callback=_projection_cb,
+            help=f"Featurizer: {' | '.join(PROJECTIONS)} (auto; sequence settings: factored "
+            "with k = 2048).",
+        ),
+    ] = "auto",
+    damping: Annotated[
+        str | None,
+        typer.Option(callback=_damping_cb, help="TRAK/IF damping: auto | FLOAT | trace:C."),
+    ] = None,
+    p: Annotated[float | None, typer.Option("--p", help="Dropout-ensemble rate override.")] = None,
+    rank: Annotated[int, typer.Option(callback=_positive_cb, help="LoRA rank.")] = 8,
+    lora_epochs: Annotated[
+        int, typer.Option(callback=_positive_cb, help="LoRA fine-tuning epochs per adapter.")
+    ] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of projections, masks, adapters, sampling.")] = 0,
+    png: Annotated[
+        Path | None,
+        typer.Option(help="Image settings: where the PNG grid goes (default runs/explain/...)."),
+    ] = None,
+    model_dir: ModelDirOpt = Path("runs/models"),
+    threads: ThreadsOpt = None,
+    progress: ProgressOpt = False,
+) -> None:
+    """Show the training examples that most support (+) and oppose (-) one test prediction,
+    or a generated continuation of --prompt (sequence settings); image settings also get a
+    PNG grid."""
+    from etda.explain import explain as run_explain
+    from etda.explain import render_png, render_text
+
+    if damping is not None and not method_takes(method, "damping"):
+        raise typer.BadParameter(f"method {method!r} has no damping", param_hint="--damping")
+    set_threads(threads)
+    with _user_errors():
+        e = run_explain(
+            setting,
+            test,
+            prompt=prompt,
+            length=length,
+            temperature=temperature,
+            method=method,
+            ensemble=ensemble,
+            members=members,
+            k_models=models,
+            top_k=top_k,
+            projection=projection,
+            proj_dim=proj_dim,
+            damping=damping,
+            p=p,
+            rank=rank,
+            lora_epochs=lora_epochs,
+            seed=seed,
+            model_dir=model_dir,
+            progress=progress,
+        )
+        typer.echo(render_text(e))
+        if e.test.text is None:  # an image setting
+            m = members if members is not None else DEFAULT_MEMBERS.get(ensemble, 1)
+            path = png or Path("runs/explain") / (
+                f"{setting}-test{test}-{method}-{ensemble}-k{models}-m{m}-s{seed}.png"
+            )
+            typer.echo(f"image grid: {render_png(e, path)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -411,4 +411,4 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
             pred = model(x[lo : lo + batch_size]).argmax(-1)
             correct += int((pred == y[lo : lo + batch_size]).sum())
     model.train(was)
-    return correct / max(1, x.shape[0])
+    return correct / max(1, y.numel())  # per token for sequence targets

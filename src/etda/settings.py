@@ -13,8 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from etda.data.bundle import DataBundle, digits, fmnist, fmnist2
+from etda.data.text import kjv
 from etda.models.registry import create_model
-from etda.train import TrainRecipe, TrainResult, train_model
+from etda.task import ClassificationTask, SequenceTask, Task
+from etda.train import TASKS, TrainRecipe, TrainResult, train_model
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,7 +42,23 @@ class Setting:
         kw_only=True, metadata={"help": "Zero-argument function returning the DataBundle."}
     )
     description: str = field(default="", metadata={"help": "One line for reports."})
+    task: str = field(
+        default="classification",
+        kw_only=True,
+        metadata={
+            "help": "'classification' (logits (B, C); output = margin) or 'sequence' (logits "
+            "(B, T, V), next-token targets (N, T); output = sequence log-likelihood)."
+        },
+    )
     _data: list = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"Setting {self.name!r}: task={self.task!r}; use one of {TASKS}")
+
+    def make_task(self) -> Task:
+        """The etda.task object attributions of this setting use."""
+        return SequenceTask() if self.task == "sequence" else ClassificationTask()
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -85,16 +103,27 @@ class Setting:
             idx = _subset_indices(subset, bundle.n_train)
             x, y = x[idx], y[idx]
         model = self.make_model(seed)
-        return train_model(model, x, y, self.recipe, seed, checkpoint_epochs=checkpoint_epochs)
+        return train_model(
+            model, x, y, self.recipe, seed, checkpoint_epochs=checkpoint_epochs, task=self.task
+        )
 
     @torch.no_grad()
     def output(self, model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> Tensor:
-        """TRAK model output: margin log(p_y / (1 - p_y)), float64 (N,).
+        """The model output f that LDS correlates with, float64 (N,).
 
-        Computed stably as logit_y - logsumexp(logits of the other classes), in eval mode (the
-        model's previous mode is restored afterwards), without gradients, in batches.
+        Classification: TRAK's margin log(p_y / (1 - p_y)), computed stably as
+        logit_y - logsumexp(logits of the other classes). Sequence: the sequence
+        log-likelihood, the sum over tokens of log p(y_t | x_{<=t}) (logits in float64).
+        In eval mode (the model's previous mode is restored afterwards), without gradients,
+        in batches.
         """
-        if y.ndim != 1 or x.shape[0] != y.shape[0]:
+        sequence = self.task == "sequence"
+        if sequence and (y.ndim != 2 or x.shape[0] != y.shape[0]):
+            raise ValueError(
+                f"x has {x.shape[0]} examples but y has shape {tuple(y.shape)}; the sequence "
+                f"task needs next-token targets of shape ({x.shape[0]}, T)"
+            )
+        if not sequence and (y.ndim != 1 or x.shape[0] != y.shape[0]):
             raise ValueError(
                 f"x has {x.shape[0]} examples but y has shape {tuple(y.shape)}; "
                 f"y must have shape ({x.shape[0]},)"
@@ -108,7 +137,9 @@ class Setting:
             for start in range(0, x.shape[0], batch_size):
                 xb = x[start : start + batch_size].to(device)
                 yb = y[start : start + batch_size].to(device=device, dtype=torch.long)
-                out.append(margin(model(xb), yb).cpu())
+                logits = model(xb)
+                f = SequenceTask().output(logits.double(), yb) if sequence else margin(logits, yb)
+                out.append(f.cpu())
         finally:
             model.train(was_training)
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
@@ -122,6 +153,8 @@ class Setting:
                 "model_kwargs": self.model_kwargs,
                 "recipe": self.recipe.to_dict(),
                 "data": self.data().fingerprint(),
+                # only when not the default, so classification fingerprints stay as they were
+                **({"task": self.task} if self.task != "classification" else {}),
             },
             sort_keys=True,
             default=str,
@@ -229,6 +262,31 @@ SETTINGS: dict[str, Setting] = {
             ),
             data_fn=functools.partial(digits, n_train=1000, n_test=200, seed=0),
             description="Logistic regression on sklearn digits, 1000/200 (convex reference)",
+        ),
+        Setting(
+            name="kjv-transformer",
+            model_name="char-transformer",
+            model_kwargs={
+                "vocab_size": 63,
+                "block_size": 64,
+                "d_model": 64,
+                "n_layer": 2,
+                "n_head": 4,
+                "dropout": 0.1,
+            },
+            recipe=TrainRecipe(
+                optimizer="adam",
+                lr=5e-3,
+                momentum=0.9,
+                weight_decay=0.0,
+                epochs=10,
+                batch_size=32,
+                lr_schedule="linear",
+            ),
+            data_fn=functools.partial(kjv, n_train=2000, n_test=200, seq_len=64, seed=0),
+            task="sequence",
+            description="Char transformer (2 layers, d=64, 4 heads, dropout 0.1) on the King "
+            "James Bible, 2000 train/200 test windows of 64 characters",
         ),
     ]
 }

@@ -1,4 +1,5 @@
-"""Seeded, deterministic training of small classifiers, checkpoints, and safetensors weights."""
+"""Seeded, deterministic training of small classifiers and sequence models, checkpoints, and
+safetensors weights."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from etda.task import Task
 
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "linear")
@@ -85,11 +88,32 @@ class TrainResult:
     recipe: TrainRecipe
 
 
-def _validate_xy(model: nn.Module, x: Tensor, y: Tensor) -> None:
+TASKS = ("classification", "sequence")
+
+
+def infer_task(y: Tensor) -> str:
+    """``"sequence"`` for 2-D targets ``(N, T)`` (next-token ids), else ``"classification"``."""
+    return "sequence" if isinstance(y, Tensor) and y.ndim == 2 else "classification"
+
+
+def _task_name(task: str | Task | None, y: Tensor) -> str:
+    """The task's name: a name in ``TASKS``, a task object (``.name``) or None (inferred)."""
+    if task is None:
+        return infer_task(y)
+    name = task if isinstance(task, str) else getattr(task, "name", None)
+    if name not in TASKS:
+        raise ValueError(f"unknown task {task!r}; use one of {TASKS} or an etda.task object")
+    return name
+
+
+def _validate_xy(model: nn.Module, x: Tensor, y: Tensor, task: str = "classification") -> None:
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise TypeError(f"x and y must be tensors, got {type(x).__name__}, {type(y).__name__}")
     if x.ndim == 0 or x.shape[0] == 0:
         raise ValueError(f"x is empty (shape {tuple(x.shape)}); pass at least one example")
+    if task == "sequence":
+        _validate_sequence(model, x, y)
+        return
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(
             f"y has shape {tuple(y.shape)} but x has {x.shape[0]} examples; "
@@ -110,6 +134,40 @@ def _validate_xy(model: nn.Module, x: Tensor, y: Tensor) -> None:
             f"y has labels in [{lo}, {hi}] but the model outputs {num_classes} classes; "
             f"labels must lie in [0, {num_classes - 1}]"
         )
+
+
+def _validate_sequence(model: nn.Module, x: Tensor, y: Tensor) -> None:
+    if y.ndim != 2 or y.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"y has shape {tuple(y.shape)} but x has {x.shape[0]} examples; the sequence task "
+            f"needs next-token targets of shape ({x.shape[0]}, T)"
+        )
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise ValueError(f"y must hold integer token ids, got {y.dtype}")
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(x[:1].to(_device(model)))
+    model.train(was_training)
+    if out.ndim != 3 or out.shape[:2] != (1, y.shape[1]):
+        raise ValueError(
+            f"the sequence task needs logits (B, T, V) with T = {y.shape[1]} (the targets' "
+            f"length), but the model returns {tuple(out.shape)} for one example"
+        )
+    lo, hi, vocab = int(y.min()), int(y.max()), out.shape[-1]
+    if lo < 0 or hi >= vocab:
+        raise ValueError(
+            f"y has token ids in [{lo}, {hi}] but the model's vocabulary has {vocab} entries; "
+            f"labels must lie in [0, {vocab - 1}]"
+        )
+
+
+def _loss(task: str, out: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy of a batch: over examples, or over all tokens (sequences of
+    equal length: the mean over sequences of etda.task.SequenceTask's per-example loss)."""
+    if task == "sequence":
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+    return F.cross_entropy(out, y)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -133,8 +191,13 @@ def train_model(
     seed: int,
     checkpoint_epochs: Sequence[int] = (),
     progress: bool = False,
+    task: str | Task | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place on x (N, ...) and int labels y (N,) with cross-entropy.
+    """Train ``model`` in place on x (N, ...) and int targets y with cross-entropy.
+
+    ``task``: ``"classification"`` (logits (B, C), labels (N,)), ``"sequence"`` (logits
+    (B, T, V), next-token targets (N, T); loss = mean token cross-entropy), an etda.task
+    object, or None: inferred from y (2-D targets mean a sequence task).
 
     Deterministic in ``seed``: data order comes from a generator seeded with ``seed`` and all
     global-RNG draws (dropout) happen inside ``fork_rng`` seeded with ``seed``, so the caller's
@@ -142,7 +205,8 @@ def train_model(
     cloned state_dict is kept (0 = the initial weights); its lr is the mean lr of the steps of
     epoch e (of the first step for e = 0), the usual TracIn weight for that interval.
     """
-    _validate_xy(model, x, y)
+    task_name = _task_name(task, y)
+    _validate_xy(model, x, y, task_name)
     ckpt = sorted(set(int(e) for e in checkpoint_epochs))
     if ckpt and (ckpt[0] < 0 or ckpt[-1] > recipe.epochs):
         raise ValueError(
@@ -185,7 +249,7 @@ def train_model(
                     group["lr"] = lr
                 lrs.append(lr)
                 idx = idx.to(device)
-                loss = F.cross_entropy(model(x[idx]), y[idx])
+                loss = _loss(task_name, model(x[idx]), y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

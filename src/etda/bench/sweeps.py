@@ -175,16 +175,20 @@ class Sweep:
 
 
 def _trak_full() -> list[BenchConfig]:
+    # Most informative first: a sweep cut short by its time budget keeps the key rows.
     out = [BenchConfig("trak", "none", k) for k in (1, 2, 5, 10)]
-    for kind in ("dropout", "dropout-per-example", "dropout-forward"):
-        out += [BenchConfig("trak", kind, 1, m) for m in (10, 20, 50)]
-    out += [BenchConfig("trak", "lora", 1, m) for m in (4, 8, 16)]
+    out += [BenchConfig("trak", "dropout", 1, m) for m in (10, 20)]
+    out += [BenchConfig("trak", "checkpoints", 1, 5)]
+    out += [BenchConfig("trak", "dropout-forward", 1, m) for m in (10, 20, 50)]
     out += [
         BenchConfig("trak", "dropout", 2, 10),
         # Without a projection every seed gives the same features: project to compare.
         BenchConfig("trak", "projection-seeds", 1, 10, proj_dim=512),
-        BenchConfig("trak", "checkpoints", 1, 5),
     ]
+    out += [BenchConfig("trak", "lora", 1, m) for m in (4, 8, 16)]
+    out += [BenchConfig("trak", "dropout-per-example", 1, m) for m in (10, 20)]
+    # Last: 50 fully featurized members cost 50 exact-kernel solves each.
+    out += [BenchConfig("trak", kind, 1, 50) for kind in ("dropout", "dropout-per-example")]
     return out
 
 

@@ -87,7 +87,7 @@ class LoRA(Ensemble):
         t0 = time.perf_counter()
         result = train_model(
             peft_model,
-            ctx.x_train.to(ctx.dtype),
+            ctx.x_train.to(ctx.dtype) if ctx.x_train.is_floating_point() else ctx.x_train,
             ctx.y_train,
             recipe,
             seed=seed,

@@ -4,5 +4,6 @@ from etda.models.logistic import LogisticRegression
 from etda.models.mlp import MLP
 from etda.models.registry import MODELS, create_model
 from etda.models.resnet import ResNet9
+from etda.models.transformer import CharTransformer
 
-__all__ = ["MLP", "MODELS", "LogisticRegression", "ResNet9", "create_model"]
+__all__ = ["CharTransformer", "MLP", "MODELS", "LogisticRegression", "ResNet9", "create_model"]

@@ -10,11 +10,13 @@ from torch import nn
 from etda.models.logistic import LogisticRegression
 from etda.models.mlp import MLP
 from etda.models.resnet import ResNet9
+from etda.models.transformer import CharTransformer
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "logreg": LogisticRegression,
     "mlp": MLP,
     "resnet9": ResNet9,
+    "char-transformer": CharTransformer,
 }
 
 

@@ -1,0 +1,340 @@
+"""Run ONE peer-library attribution configuration on the exported fmnist-mlp inputs.
+
+Run with the peers' environment (never etda's), from the repository root:
+
+    benchmarks/peers/.venv-peers/bin/python benchmarks/peers/run_peer.py CONFIG \
+        [--threads 2] [--n-test N] [--out benchmarks/peers/work/scores]
+
+CONFIG is one of ``CONFIGS`` below. Inputs come from ``benchmarks/peers/work/`` (written by
+``export.py``); etda is not imported here. Writes ``<out>/<CONFIG>.npy``: scores
+(n_test, n_train) float32 in etda's orientation and sign (row = test example, column =
+training example, positive = the training example helps the test prediction), and
+``<out>/<CONFIG>.json``: wall time (scoring only: building the attributor, featurizing,
+solving and scoring; not imports or data loading), peak RSS of this process
+(``resource.getrusage(...).ru_maxrss``, whole process) and the configuration.
+
+Orientation and sign, per library (checked by reading their code):
+
+* traker 0.3.2: ``TRAKer.finalize_scores`` returns (n_train, n_targets) and positive =
+  the training example raises the target's margin (helps): transposed, sign kept.
+* dattri 0.3.0: every attributor's ``attribute`` returns (n_train, n_test); Grad-Dot /
+  Grad-Cos / TracIn give ``g_train . g_test`` of loss gradients, IF gives
+  ``g_train^T (H + reg I)^-1 g_test`` (the negative of the classic "change in test loss"
+  influence), TRAK gives ``phi_test (Phi^T Phi)^-1 Phi^T Q``: all positive = helps:
+  transposed, sign kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+WORK = Path(__file__).resolve().parent / "work"
+
+# name -> (library, description)
+CONFIGS = {
+    "traker-trak-1": ("traker", "TRAKer, 1 model, BasicProjector, proj_dim 512"),
+    "traker-trak-5": ("traker", "TRAKer, 5 models, BasicProjector, proj_dim 512"),
+    "dattri-graddot-1": ("dattri", "Grad-Dot (TracInAttributor, weights 1, unnormalized)"),
+    "dattri-gradcos-1": ("dattri", "Grad-Cos (TracInAttributor, weights 1, normalized)"),
+    "dattri-if-cg-1": ("dattri", "IF, IFAttributorCG(regularization=5e-3, max_iter=10)"),
+    "dattri-trak-1": ("dattri", "TRAKAttributor, 1 model (proj_dim 512 default)"),
+    "dattri-trak-5": ("dattri", "TRAKAttributor, 5 models (proj_dim 512 default)"),
+    "dattri-trak-dropout-10": (
+        "dattri",
+        "TRAKAttributor, 1 model x 10 MC-dropout members (activate_dropout p=0.1)",
+    ),
+}
+
+
+class MLP(nn.Module):
+    """Same module tree as ``etda.models.MLP`` (``net`` = Flatten, [Linear, ReLU,
+    Dropout] per hidden layer, Linear), so its state_dict loads unchanged."""
+
+    def __init__(self, in_features: int, hidden: list[int], num_classes: int, dropout: float):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_inputs(work: Path, n_models: int, n_test: int | None):
+    meta = json.loads((work / "meta.json").read_text())
+    with np.load(work / "data.npz") as z:
+        data = {k: torch.from_numpy(z[k]) for k in z.files}
+    if n_test is not None:
+        data["x_test"], data["y_test"] = data["x_test"][:n_test], data["y_test"][:n_test]
+    states = [load_file(str(work / m["file"])) for m in meta["models"][:n_models]]
+    if len(states) < n_models:
+        raise SystemExit(f"{work} holds {len(states)} models; export at least {n_models}")
+    return meta, data, states
+
+
+def make_model(meta: dict, state: dict) -> MLP:
+    m = MLP(**meta["mlp"])
+    m.load_state_dict(state)
+    return m.eval()
+
+
+def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int):
+    ds = torch.utils.data.TensorDataset(x, y)
+    # an explicit sequential sampler: dattri refuses shuffled loaders and sizes its output
+    # from len(loader.sampler)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, sampler=torch.utils.data.SequentialSampler(ds)
+    )
+
+
+# ----------------------------------------------------------------------------- traker
+
+
+def run_traker(meta, data, states, batch: int, save_dir: Path, half: bool = False) -> np.ndarray:
+    from trak import TRAKer
+
+    shutil.rmtree(save_dir, ignore_errors=True)
+    model = make_model(meta, states[0])
+    n_train, n_test = len(data["y_train"]), len(data["y_test"])
+    traker = TRAKer(
+        model=model,
+        task="image_classification",
+        train_set_size=n_train,
+        save_dir=str(save_dir),
+        device="cpu",  # -> BasicProjector with a normal projection (no fast_jl on CPU)
+        proj_dim=512,
+        # TRAKer's default use_half_precision=True makes BasicProjector draw and multiply
+        # in float16, which the CPU does ~30x slower (measured: 17.95 s vs 0.61 s to
+        # project 100 gradients, i.e. ~15 min to featurize 5000 examples of one model)
+        use_half_precision=half,
+    )
+    for model_id, state in enumerate(states):
+        model.load_state_dict(state)
+        model.eval()
+        traker.load_checkpoint(model.state_dict(), model_id=model_id)
+        for i in range(0, n_train, batch):
+            xb, yb = data["x_train"][i : i + batch], data["y_train"][i : i + batch]
+            traker.featurize(batch=(xb, yb), num_samples=len(yb))
+    traker.finalize_features()
+    for model_id, state in enumerate(states):
+        model.load_state_dict(state)
+        model.eval()
+        traker.start_scoring_checkpoint(
+            exp_name="test", checkpoint=model.state_dict(), model_id=model_id, num_targets=n_test
+        )
+        for i in range(0, n_test, batch):
+            xb, yb = data["x_test"][i : i + batch], data["y_test"][i : i + batch]
+            traker.score(batch=(xb, yb), num_samples=len(yb))
+    scores = traker.finalize_scores(exp_name="test")  # (n_train, n_test)
+    out = np.asarray(scores, dtype=np.float32).T.copy()
+    shutil.rmtree(save_dir, ignore_errors=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- dattri
+
+
+def _margin_fn(model: nn.Module) -> Callable:
+    """TRAK's model output for one example (dattri's MNIST examples): log(p / (1 - p))."""
+
+    def f(params, data_target_pair):
+        image, label = data_target_pair
+        yhat = torch.func.functional_call(model, params, image.unsqueeze(0))
+        logp = -nn.functional.cross_entropy(yhat, label.unsqueeze(0))
+        return logp - torch.log(1 - torch.exp(logp))
+
+    return f
+
+
+def _prob_fn(model: nn.Module) -> Callable:
+    def m(params, image_label_pair):
+        image, label = image_label_pair
+        yhat = torch.func.functional_call(model, params, image.unsqueeze(0))
+        return torch.exp(-nn.functional.cross_entropy(yhat, label.unsqueeze(0)))
+
+    return m
+
+
+def run_dattri_trak(meta, data, states, batch: int, dropout_members: int = 0) -> np.ndarray:
+    from dattri.algorithm.trak import TRAKAttributor
+    from dattri.task import AttributionTask
+
+    model = make_model(meta, states[0])
+    load_func = None
+    checkpoints = list(states)
+    if dropout_members:
+        # dattri's examples/pretrained_benchmark/trak_dropout_lds.py: one checkpoint
+        # repeated, dropout layers switched to train mode after every load
+        from dattri.model_util.dropout import activate_dropout
+
+        p = meta["mlp"]["dropout"]
+        model = activate_dropout(model, dropout_prob=p)
+        checkpoints = [states[0]] * dropout_members
+
+        def load_func(model, checkpoint):
+            model.load_state_dict(checkpoint)
+            model.eval()
+            return activate_dropout(model, dropout_prob=p)
+
+    task = AttributionTask(
+        model=model,
+        loss_func=_margin_fn(model),
+        checkpoints=checkpoints,
+        checkpoints_load_func=load_func,
+    )
+    attributor = TRAKAttributor(task=task, correct_probability_func=_prob_fn(model), device="cpu")
+    with torch.no_grad():
+        attributor.cache(loader(data["x_train"], data["y_train"], batch))
+        score = attributor.attribute(loader(data["x_test"], data["y_test"], batch))
+    return score.T.numpy().astype(np.float32)
+
+
+def run_dattri_tracin(meta, data, states, batch: int, normalized: bool) -> np.ndarray:
+    from dattri.algorithm.tracin import TracInAttributor
+    from dattri.task import AttributionTask
+
+    model = make_model(meta, states[0])
+
+    def f(params, data_target_pair):  # per-example CE loss (dattri's TracIn examples)
+        image, label = data_target_pair
+        yhat = torch.func.functional_call(model, params, image.unsqueeze(0))
+        return nn.functional.cross_entropy(yhat, label.unsqueeze(0))
+
+    task = AttributionTask(model=model, loss_func=f, checkpoints=states[0])
+    # Grad-Dot / Grad-Cos = TracIn over one checkpoint with weight 1 (dattri's docstring);
+    # projector_kwargs left at dattri's default (random projection to 512 dims)
+    attributor = TracInAttributor(
+        task=task, weight_list=torch.ones(1), normalized_grad=normalized, device="cpu"
+    )
+    with torch.no_grad():
+        score = attributor.attribute(
+            loader(data["x_train"], data["y_train"], batch),
+            loader(data["x_test"], data["y_test"], batch),
+        )
+    return score.T.numpy().astype(np.float32)
+
+
+def run_dattri_if(meta, data, states, test_batch: int) -> np.ndarray:
+    from dattri.algorithm.influence_function import IFAttributorCG
+    from dattri.task import AttributionTask
+
+    model = make_model(meta, states[0])
+
+    def f(params, data_target_pair):  # batched CE loss (dattri's IF examples)
+        image, label = data_target_pair
+        yhat = torch.func.functional_call(model, params, image)
+        return nn.functional.cross_entropy(yhat, label.long())
+
+    task = AttributionTask(model=model, loss_func=f, checkpoints=states[0])
+    # dattri's examples/pretrained_benchmark/influence_function_lds.py (MNIST MLP)
+    attributor = IFAttributorCG(task=task, device="cpu", regularization=5e-3, max_iter=10)
+    n_train = len(data["y_train"])
+    # the full-train loader must be ONE batch: CG runs on the Hessian of each batch's loss
+    # and sums the results; the attribute() train loader is one batch too, else every test
+    # batch's CG solve is repeated per train batch
+    attributor.cache(loader(data["x_train"], data["y_train"], n_train))
+    with torch.no_grad():
+        score = attributor.attribute(
+            loader(data["x_train"], data["y_train"], n_train),
+            loader(data["x_test"], data["y_test"], test_batch),
+        )
+    return score.T.numpy().astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "numpy", "traker", "dattri"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", choices=sorted(CONFIGS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=500, help="train/test batch size")
+    parser.add_argument("--n-test", type=int, default=None, help="first N test examples only")
+    parser.add_argument("--work", type=Path, default=WORK)
+    parser.add_argument("--out", type=Path, default=WORK / "scores")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    name = args.config
+    n_models = 5 if name.endswith("-5") else 1
+    meta, data, states = load_inputs(args.work, n_models, args.n_test)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    if name.startswith("traker-trak"):
+        scores = run_traker(meta, data, states, args.batch, args.work / f"trak-{name}")
+    elif name.startswith("dattri-trak-dropout"):
+        scores = run_dattri_trak(meta, data, states, args.batch, dropout_members=10)
+    elif name.startswith("dattri-trak"):
+        scores = run_dattri_trak(meta, data, states, args.batch)
+    elif name == "dattri-graddot-1":
+        scores = run_dattri_tracin(meta, data, states, args.batch, normalized=False)
+    elif name == "dattri-gradcos-1":
+        scores = run_dattri_tracin(meta, data, states, args.batch, normalized=True)
+    elif name == "dattri-if-cg-1":
+        scores = run_dattri_if(meta, data, states, args.batch)
+    else:  # pragma: no cover - argparse restricts the choices
+        raise SystemExit(f"unknown config {name}")
+    wall = time.perf_counter() - t0
+
+    n_test, n_train = len(data["y_test"]), len(data["y_train"])
+    if scores.shape != (n_test, n_train):
+        raise SystemExit(f"{name}: scores have shape {scores.shape}, expected {(n_test, n_train)}")
+    np.save(args.out / f"{name}.npy", scores)
+    result = {
+        "config": name,
+        "library": CONFIGS[name][0],
+        "description": CONFIGS[name][1],
+        "models": n_models,
+        "n_test": n_test,
+        "batch": args.batch,
+        "threads": args.threads,
+        "wall_s": wall,
+        "peak_rss_mb": peak_rss_mb(),
+        "finite": bool(np.isfinite(scores).all()),
+        "versions": versions(),
+        "argv": sys.argv[1:],
+        "pid": os.getpid(),
+    }
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: result[k] for k in ("config", "wall_s", "peak_rss_mb", "finite")}))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -140,7 +140,7 @@ def main(part: str = "all") -> None:
     results = json.loads(path.read_text()) if path.exists() else {}
     results.update({"machine": machine(), "setting": "fmnist-mlp"})
     if part in ("all", "sweeps"):
-        setting, data, models, gt = setup("fmnist-mlp", n_models=5)
+        setting, data, models, gt = setup("fmnist-mlp", n_models=5, threads=1)
         results["sweeps"] = {}
         for k_models in (1, 5):
             for proj, dim in FORMS:

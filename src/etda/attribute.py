@@ -26,6 +26,7 @@ from etda.features import blocks as fb
 from etda.features.featurize import FeatureSpec, Featurizer, NonFiniteError, check_finite
 from etda.features.store import FeatureStore, SplitStore
 from etda.methods import Combiner, MemberContext, MemberResult, Method, get_method
+from etda.methods.base import features_only
 from etda.scores import Scores
 from etda.task import ClassificationTask, ParamSelector, SequenceTask, Task, select_parameters
 
@@ -180,7 +181,7 @@ class _Run:
                     spec.torch_dtype,
                 )
                 out.append(self._fill(st, fz, model, x, y, offset, f"{tag} {split}"))
-            costs.feature_bytes += fb.nbytes(fb_features(out[-1]))
+            costs.feature_bytes += fb.nbytes(features_only(out[-1]))
         n = self.x_train.shape[0] + self.x_test.shape[0]
         costs.flops += 3 * self.fwd_flops * n
         return out[0], out[1], fz
@@ -222,10 +223,6 @@ class _Run:
                 out = model(_cast(self.x_train[lo:hi], self.torch_dtype))
                 qs.append(self.task.q(out, self.y_train[lo:hi]))
         return torch.cat(qs).to(torch.float64)
-
-
-def fb_features(blocks: dict) -> dict:
-    return {k: v for k, v in blocks.items() if k not in fb.EXTRA}
 
 
 def attribute(

@@ -238,7 +238,7 @@ def attribute(
         str | None,
         typer.Option(
             callback=_damping_cb,
-            help="TRAK/IF damping: auto (GCV) | FLOAT | trace:C (C x tr(K)/n). Default: auto.",
+            help="TRAK/IF damping: auto (spectral mean) | gcv | FLOAT | trace:C (C x auto).",
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of projections, masks and adapters.")] = 0,

@@ -129,13 +129,13 @@ def checkpoint_schedule(epochs: int, n: int) -> list[int]:
 
 
 def parse_damping(value: str | float | None) -> float | str | None:
-    """``"auto"``, ``"trace:C"`` or a number >= 0 (as a string from the command line)."""
+    """``"auto"``, ``"gcv"``, ``"trace:C"`` or a number >= 0 (a string from the command line)."""
     if value is None or isinstance(value, int | float) and not isinstance(value, bool):
         if value is not None and (value < 0 or not math.isfinite(value)):
             raise ValueError(f"damping must be a finite number >= 0, got {value}")
         return value
     text = str(value).strip()
-    if text == "auto":
+    if text in ("auto", "gcv"):
         return text
     if text.startswith("trace:"):
         try:
@@ -149,7 +149,7 @@ def parse_damping(value: str | float | None) -> float | str | None:
         lam = float(text)
     except ValueError:
         raise ValueError(
-            f"damping must be 'auto', 'trace:C' or a number >= 0, got {text!r}"
+            f"damping must be 'auto', 'gcv', 'trace:C' or a number >= 0, got {text!r}"
         ) from None
     return parse_damping(lam)
 
@@ -397,7 +397,7 @@ def damping_summary(scores: Scores) -> str:
 
     text = f"{'/'.join(rules)}: λ = {span(lams)}"
     if cs:
-        text += f" (c = {span(cs)} × tr(K)/n)"
+        text += f" (c = {span(cs)} × tr(K)/min(n, k))"
     return text + (f" over {len(chosen)} members" if len(chosen) > 1 else "")
 
 

@@ -185,9 +185,15 @@ def _trak_full() -> list[BenchConfig]:
         # Without a projection every seed gives the same features: project to compare.
         BenchConfig("trak", "projection-seeds", 1, 10, proj_dim=512),
     ]
-    out += [BenchConfig("trak", "lora", 1, m) for m in (4, 8, 16)]
-    out += [BenchConfig("trak", "dropout-per-example", 1, m) for m in (10, 20)]
-    # Last: 50 fully featurized members cost 50 exact-kernel solves each.
+    out += [BenchConfig("trak", "lora", 1, m) for m in (4, 8)]
+    out += [BenchConfig("trak", "dropout-per-example", 1, 10)]
+    return out
+
+
+def _trak_full_expensive() -> list[BenchConfig]:
+    """The largest TRAK ensembles, run after every other configuration."""
+    out = [BenchConfig("trak", "lora", 1, 16), BenchConfig("trak", "dropout-per-example", 1, 20)]
+    # 50 fully featurized members cost 50 exact-kernel solves each.
     out += [BenchConfig("trak", kind, 1, 50) for kind in ("dropout", "dropout-per-example")]
     return out
 
@@ -207,7 +213,7 @@ def _others_full() -> list[BenchConfig]:
 
 FULL = Sweep(
     "full",
-    tuple(_trak_full() + _others_full()),
+    tuple(_trak_full() + _others_full() + _trak_full_expensive()),
     mislabel=(
         MislabelConfig("trak", "none", 1),
         MislabelConfig("trak", "none", 5),

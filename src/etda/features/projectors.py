@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from etda.seeding import derive_seed, generator
+from etda.seeding import generator
 
 _KEY_DENSE = 11
 _KEY_COUNT = 13
@@ -140,7 +140,3 @@ class TensorSketch:
         fd = torch.fft.rfft(self._cs(d, self.b_out, self.s_out), dim=-1)
         fa = torch.fft.rfft(self._cs(a, self.b_in, self.s_in), dim=-1)
         return torch.fft.irfft((fd * fa).sum(1), n=self.dim, dim=-1)
-
-
-def layer_seed(seed: int, layer: int) -> int:
-    return derive_seed(seed, layer)

@@ -131,6 +131,20 @@ SettingOpt = Annotated[
         "--setting", "-s", callback=_setting_cb, help="Named setting (see [bold]etda settings[/])."
     ),
 ]
+MethodOpt = Annotated[
+    str,
+    typer.Option("--method", "-m", callback=_method_cb, help=f"Method: {' | '.join(METHODS)}."),
+]
+EnsembleOpt = Annotated[
+    str,
+    typer.Option(
+        "--ensemble", "-e", callback=_ensemble_cb, help=f"Ensemble: {' | '.join(ENSEMBLES)}."
+    ),
+]
+ModelsOpt = Annotated[
+    int,
+    typer.Option("--models", "-k", callback=_positive_cb, help="Independently trained models (K)."),
+]
 ThreadsOpt = Annotated[
     int | None,
     typer.Option(callback=_positive_cb, help="Torch threads (default: torch's choice)."),
@@ -185,22 +199,9 @@ def _lds_config(n_subsets: int, fraction: float, seeds_per_subset: int):
 @app.command()
 def attribute(
     setting: SettingOpt = "fmnist-mlp",
-    method: Annotated[
-        str,
-        typer.Option("--method", "-m", callback=_method_cb, help=f"Method: {' | '.join(METHODS)}."),
-    ] = "trak",
-    ensemble: Annotated[
-        str,
-        typer.Option(
-            "--ensemble", "-e", callback=_ensemble_cb, help=f"Ensemble: {' | '.join(ENSEMBLES)}."
-        ),
-    ] = "none",
-    models: Annotated[
-        int,
-        typer.Option(
-            "--models", "-k", callback=_positive_cb, help="Independently trained models (K)."
-        ),
-    ] = 1,
+    method: MethodOpt = "trak",
+    ensemble: EnsembleOpt = "none",
+    models: ModelsOpt = 1,
     members: Annotated[
         int | None,
         typer.Option(
@@ -608,22 +609,9 @@ def explain(
     temperature: Annotated[
         float, typer.Option(min=0.0, help="Sampling temperature (0: greedy); seeded by --seed.")
     ] = 0.8,
-    method: Annotated[
-        str,
-        typer.Option("--method", "-m", callback=_method_cb, help=f"Method: {' | '.join(METHODS)}."),
-    ] = "trak",
-    ensemble: Annotated[
-        str,
-        typer.Option(
-            "--ensemble", "-e", callback=_ensemble_cb, help=f"Ensemble: {' | '.join(ENSEMBLES)}."
-        ),
-    ] = "none",
-    models: Annotated[
-        int,
-        typer.Option(
-            "--models", "-k", callback=_positive_cb, help="Independently trained models (K)."
-        ),
-    ] = 1,
+    method: MethodOpt = "trak",
+    ensemble: EnsembleOpt = "none",
+    models: ModelsOpt = 1,
     members: Annotated[
         int | None,
         typer.Option("--members", "-M", callback=_positive_cb, help="Members per model (M)."),

@@ -631,7 +631,7 @@ def explain(
     ] = "auto",
     damping: Annotated[
         str | None,
-        typer.Option(callback=_damping_cb, help="TRAK/IF damping: auto | FLOAT | trace:C."),
+        typer.Option(callback=_damping_cb, help="TRAK/IF damping: auto | gcv | FLOAT | trace:C."),
     ] = None,
     p: Annotated[float | None, typer.Option("--p", help="Dropout-ensemble rate override.")] = None,
     rank: Annotated[int, typer.Option(callback=_positive_cb, help="LoRA rank.")] = 8,

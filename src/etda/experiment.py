@@ -234,6 +234,33 @@ def _state_bytes(states: list[dict[str, torch.Tensor]]) -> int:
     return int(sum(t.numel() * t.element_size() for s in states for t in s.values()))
 
 
+def prepare_models(
+    setting: Setting,
+    method: str,
+    kind: str,
+    k_models: int,
+    n_checkpoints: int,
+    model_dir: str | os.PathLike = "runs/models",
+    first_seed: int = 0,
+    progress: bool = True,
+) -> tuple[list[TrainedModel], list[nn.Module], dict[str, Any]]:
+    """Trained (cached) models an attribution needs, the modules to attribute and TracIn's
+    ``checkpoints``/``checkpoint_lrs`` arguments (empty unless TracIn on full models)."""
+    needs_checkpoints = kind == "checkpoints" or (method == "tracin" and kind != "lora")
+    epochs = checkpoint_schedule(setting.recipe.epochs, n_checkpoints) if needs_checkpoints else []
+    tms = trained_models(
+        setting, k_models, model_dir, first_seed, checkpoint_epochs=epochs, progress=progress
+    )
+    models = _checkpoint_models(setting, tms) if kind == "checkpoints" else [tm.model for tm in tms]
+    tracin_kw: dict[str, Any] = {}
+    if method == "tracin" and kind != "lora":
+        tracin_kw = {
+            "checkpoints": [tm.checkpoints for tm in tms],
+            "checkpoint_lrs": tms[0].checkpoint_lrs,
+        }
+    return tms, models, tracin_kw
+
+
 def run_attribution(
     setting: Setting | str,
     method: str = "trak",
@@ -312,18 +339,9 @@ def run_attribution(
             f"setting {setting.name!r} (model {setting.model_name!r}) has no dropout layers to "
             "mask; choose another ensemble, e.g. 'lora' or 'projection-seeds'"
         )
-    needs_checkpoints = kind == "checkpoints" or (method == "tracin" and kind != "lora")
-    epochs = checkpoint_schedule(setting.recipe.epochs, n_ckpt) if needs_checkpoints else []
-    tms = trained_models(
-        setting, k_models, model_dir, first_seed, checkpoint_epochs=epochs, progress=progress
+    tms, models, tracin_kw = prepare_models(
+        setting, method, kind, k_models, n_ckpt, model_dir, first_seed, progress
     )
-    models = _checkpoint_models(setting, tms) if kind == "checkpoints" else [tm.model for tm in tms]
-    tracin_kw: dict[str, Any] = {}
-    if method == "tracin" and kind != "lora":
-        tracin_kw = {
-            "checkpoints": [tm.checkpoints for tm in tms],
-            "checkpoint_lrs": tms[0].checkpoint_lrs,
-        }
     data = setting.data()
     scores = attribute(
         models,
@@ -352,7 +370,7 @@ def run_attribution(
             {"seed": tm.seed, "path": str(tm.path), "train_s": tm.seconds, "cached": tm.cached}
             for tm in tms
         ],
-        checkpoint_epochs=epochs,
+        checkpoint_epochs=tms[0].checkpoint_epochs,
     )
     result = None
     if lds_config is not None:

@@ -81,28 +81,15 @@ def _models(
     **ensemble_options: Any,
 ) -> tuple[list, list, Any, dict[str, Any]]:
     """Trained models (cached), the ensemble object and TracIn's checkpoint arguments."""
-    from etda.experiment import (
-        DEFAULT_MEMBERS,
-        _checkpoint_models,
-        checkpoint_schedule,
-        make_ensemble,
-    )
-    from etda.zoo import trained_models
+    from etda.experiment import DEFAULT_MEMBERS, make_ensemble, prepare_models
 
     if method == "tracin" and kind == "checkpoints":
         raise ValueError("TracIn already sums over checkpoints; use another ensemble")
     ens = make_ensemble(kind, members, **ensemble_options)
     n_ckpt = (members or DEFAULT_MEMBERS[kind]) if kind == "checkpoints" else 5
-    needs_ckpt = kind == "checkpoints" or (method == "tracin" and kind != "lora")
-    epochs = checkpoint_schedule(setting.recipe.epochs, n_ckpt) if needs_ckpt else []
-    tms = trained_models(setting, k_models, model_dir, 0, epochs, progress=False)
-    models = _checkpoint_models(setting, tms) if kind == "checkpoints" else [t.model for t in tms]
-    tracin: dict[str, Any] = {}
-    if method == "tracin" and kind != "lora":
-        tracin = {
-            "checkpoints": [t.checkpoints for t in tms],
-            "checkpoint_lrs": tms[0].checkpoint_lrs,
-        }
+    tms, models, tracin = prepare_models(
+        setting, method, kind, k_models, n_ckpt, model_dir, 0, progress=False
+    )
     return tms, models, ens, tracin
 
 

@@ -36,7 +36,15 @@ def test_resnet9_shapes(size):
     assert out.shape == (4, 2)
     assert any(isinstance(mod, nn.Dropout) for mod in m.modules())
     assert any(isinstance(mod, nn.BatchNorm2d) for mod in m.modules())
-    assert not any(isinstance(mod, nn.Dropout) for mod in ResNet9(width=8).modules())
+    # Without dropout the model keeps a p=0 Dropout (the identity, drawing no random
+    # numbers) so that dropout ensembles can mask it with a rate override.
+    plain = ResNet9(width=8).train()
+    drops = [mod for mod in plain.modules() if isinstance(mod, nn.Dropout)]
+    assert [d.p for d in drops] == [0.0]
+    h = torch.randn(4, 64)
+    state = torch.get_rng_state()
+    assert torch.equal(drops[0](h), h)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_registry():

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +25,12 @@ from etda import __version__
 from etda.cost import Costs, forward_flops, parse_bytes, timer, weights_bytes
 from etda.ensemble import BuildContext, Ensemble, Independent, Member, set_example_index
 from etda.features import blocks as fb
+from etda.features.distributed import featurize_parallel
 from etda.features.featurize import FeatureSpec, Featurizer, NonFiniteError, check_finite
-from etda.features.store import FeatureStore, SplitStore
+from etda.features.store import STORAGE, FeatureStore, SplitStore
 from etda.methods import Combiner, MemberContext, MemberResult, Method, get_method
-from etda.methods.base import features_only
+from etda.outofcore import MemberFactors, rss_bytes, score_blocked
+from etda.parallel import EXECUTORS
 from etda.scores import Scores
 from etda.task import ClassificationTask, ParamSelector, SequenceTask, Task, select_parameters
 
@@ -142,19 +146,40 @@ def _load_checkpoint(model: nn.Module, state: dict | nn.Module) -> nn.Module:
     return m.to(next(model.parameters()).dtype)
 
 
+def compute_rows(
+    model: nn.Module,
+    fz: Featurizer,
+    x: Tensor,
+    y: Tensor,
+    lo: int,
+    hi: int,
+    offset: int,
+    dtype: torch.dtype,
+    what: str,
+) -> dict[str, Tensor]:
+    """Feature blocks of examples ``[lo, hi)`` (per-example masks keyed by ``offset + i``)."""
+    index = torch.arange(lo, hi) + offset
+    set_example_index(model, index)
+    blocks = fz(_cast(x[lo:hi], dtype), y[lo:hi])
+    check_finite(blocks, index - offset, what)
+    return blocks
+
+
 class _Run:
     """State of one attribution run (kept out of the public signature)."""
 
     def __init__(self, **kw: object) -> None:
         self.__dict__.update(kw)
 
-    def featurize(
-        self, member: Member, model: nn.Module, tag: str, costs: Costs
-    ) -> tuple[dict, dict, Featurizer]:
-        params = select_parameters(model, self.params if member.params == "all" else member.params)
-        spec = FeatureSpec(
+    def spec(self, member: Member) -> FeatureSpec:
+        return FeatureSpec(
             self.projection, self.proj_dim, member.projection_seed, self.method.target, self.dtype
         )
+
+    def member_featurizer(self, member: Member, model: nn.Module) -> tuple[Featurizer, dict]:
+        """The member's featurizer and the metadata its stores are validated against."""
+        params = select_parameters(model, self.params if member.params == "all" else member.params)
+        spec = self.spec(member)
         fz = Featurizer(
             model, self.task, params, spec, (self.x_train, self.y_train), use_hooks=self.use_hooks
         )
@@ -166,22 +191,41 @@ class _Run:
             "task": self.task.name,
             "hooks": self.use_hooks,
         }
-        out = []
-        for split, x, y, offset, field in (
-            ("train", self.x_train, self.y_train, 0, "featurize_train_s"),
-            ("test", self.x_test, self.y_test, TEST_INDEX_OFFSET, "featurize_test_s"),
-        ):
-            with timer(costs, field):
-                st = self.store.split(
-                    tag,
-                    split,
-                    {**meta, "data": fingerprint(x, y)},
-                    x.shape[0],
-                    fz.widths(),
-                    spec.torch_dtype,
-                )
-                out.append(self._fill(st, fz, model, x, y, offset, f"{tag} {split}"))
-            costs.feature_bytes += fb.nbytes(features_only(out[-1]))
+        return fz, meta
+
+    def open_split(
+        self, fz: Featurizer, meta: dict, tag: str, split: str
+    ) -> tuple[SplitStore, Tensor, Tensor, int]:
+        """Open (resume, validate) the store of one split: ``(store, x, y, index offset)``."""
+        x, y, offset = (
+            (self.x_train, self.y_train, 0)
+            if split == "train"
+            else (self.x_test, self.y_test, TEST_INDEX_OFFSET)
+        )
+        st = self.store.split(
+            tag,
+            split,
+            {**meta, "data": fingerprint(x, y)},
+            x.shape[0],
+            fz.widths(),
+            fz.spec.torch_dtype,
+            self.storage,
+        )
+        return st, x, y, offset
+
+    def featurize(
+        self, member: Member, model: nn.Module, tag: str, costs: Costs, load_train: bool = True
+    ) -> tuple[dict | SplitStore, dict, Featurizer]:
+        """Fill the member's stores (only missing rows); the train features come back
+        loaded, or as the store itself (``load_train=False``: out-of-core scoring)."""
+        fz, meta = self.member_featurizer(member, model)
+        out: list = []
+        for split in ("train", "test"):
+            with timer(costs, f"featurize_{split}_s"):
+                st, x, y, offset = self.open_split(fz, meta, tag, split)
+                self._fill(st, fz, model, x, y, offset, f"{tag} {split}")
+                out.append(st if split == "train" and not load_train else st.load())
+            costs.feature_bytes += st.feature_nbytes()
         n = self.x_train.shape[0] + self.x_test.shape[0]
         costs.flops += 3 * self.fwd_flops * n
         return out[0], out[1], fz
@@ -195,7 +239,7 @@ class _Run:
         y: Tensor,
         offset: int,
         what: str,
-    ) -> dict:
+    ) -> None:
         todo = list(st.missing(self.chunk_size))
         bar = tqdm(
             total=sum(hi - lo for lo, hi in todo),
@@ -205,14 +249,9 @@ class _Run:
             disable=not self.progress,
         )
         for lo, hi in todo:
-            index = torch.arange(lo, hi) + offset
-            set_example_index(model, index)
-            blocks = fz(_cast(x[lo:hi], self.torch_dtype), y[lo:hi])
-            check_finite(blocks, index - offset, what)
-            st.write(lo, hi, blocks)
+            st.write(lo, hi, compute_rows(model, fz, x, y, lo, hi, offset, self.torch_dtype, what))
             bar.update(hi - lo)
         bar.close()
-        return st.load()
 
     def q_term(self, model: nn.Module) -> Tensor:
         qs = []
@@ -246,6 +285,13 @@ def attribute(
     train_seconds: float = 0.0,
     progress: bool = False,
     use_hooks: bool = True,
+    storage: str = "float32",
+    out_of_core: bool | None = None,
+    scores_out: str | Path | None = None,
+    top_k: int = 10,
+    executor: str = "inprocess",
+    workers: int | None = None,
+    address: str | None = None,
     **method_options: object,
 ) -> Scores:
     """Attribute the test predictions of ``models`` to the training examples.
@@ -262,6 +308,16 @@ def attribute(
     features persistent and resumable. ``checkpoints``/``checkpoint_lrs``: TracIn's
     checkpoints (per model) and learning-rate weights. ``train_seconds``: training time
     of the given models, added to the reported costs.
+
+    Scale: ``memory_budget`` bounds the process's memory. When the dense scores or features
+    would not fit it (or ``out_of_core=True``, or ``scores_out`` is given) the run scores out
+    of core (``etda.outofcore``): features on disk, scores in blocks of training columns,
+    written to ``scores_out`` (an ``.npy`` file, memory-mapped into ``Scores.values``) when
+    they do not fit, with the ``top_k`` proponents/opponents per test example in
+    ``Scores.top_indices``. ``storage``: ``float32 | float16 | bfloat16`` precision of
+    stored features. ``executor``: ``inprocess | process | ray`` featurizes members and
+    shards of the training set in parallel (``workers``; ``address`` joins a Ray cluster),
+    with results identical to one process.
     """
     models = [models] if isinstance(models, nn.Module) else list(models)
     if not models or not all(isinstance(m, nn.Module) for m in models):
@@ -304,8 +360,37 @@ def attribute(
     if m_obj.uses_checkpoints and checkpoints is None and not isinstance(ensemble, _lora_type()):
         raise ValueError(f"method {m_obj.name!r} needs checkpoints=[...] (and checkpoint_lrs)")
 
+    if storage not in STORAGE:
+        raise ValueError(f"storage must be one of {STORAGE}, got {storage!r}")
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    if executor != "inprocess" and m_obj.uses_checkpoints:
+        raise ValueError(f"method {m_obj.name!r} featurizes checkpoints in process only")
+    n_test = x_test.shape[0]
+    if out_of_core is None:
+        # Out of core when the dense path would not fit what the budget leaves this process
+        # (a budget below what the process already holds cannot be met either way: then the
+        # dense path runs with the smallest chunks, as it always has).
+        room = budget - rss_bytes()
+        dense = _dense_need(n_train, n_test, proj_dim or 2048)
+        out_of_core = scores_out is not None or (projection != "none" and 0 < room < dense)
+    if out_of_core and projection == "none":
+        raise ValueError(
+            "out-of-core scoring needs projected features: the exact kernel is n x n; pass "
+            "proj_dim=... (CLI --proj-dim) or projection='factored'"
+        )
+    if out_of_core and m_obj.uses_checkpoints:
+        raise ValueError(f"method {m_obj.name!r} has no out-of-core form; raise memory_budget")
+    if executor != "inprocess" and isinstance(store, FeatureStore) and store.root is None:
+        raise ValueError(f"executor {executor!r} writes features to disk: pass a store directory")
+    tmp_store = None
+    if (out_of_core or executor != "inprocess") and store is None:
+        tmp_store = tempfile.TemporaryDirectory(prefix="etda-features-")
+        store = tmp_store.name
+
     run = _Run(
         method=m_obj,
+        storage=storage,
         task=task,
         projection=projection,
         proj_dim=proj_dim or 2048,
@@ -328,28 +413,44 @@ def attribute(
     costs.weights_bytes = sum(weights_bytes(m) for m in models)
     ctx = BuildContext(x_train, y_train, task, seed, torch_dtype, progress)
     combiner = Combiner(m_obj.combine)
-    shared: dict[str, MemberResult] = {}
+    shared: dict[str, MemberResult | MemberFactors] = {}
+    factors: list[MemberFactors] = []
     members_info = []
     t_start = time.perf_counter()
     total = ensemble.size(len(models))
+    members_iter = ensemble.members(models, ctx)
+    if executor != "inprocess":
+        members_list = list(members_iter)  # built once: LoRA adapters train here
+        featurize_parallel(run, members_list, costs, executor, workers, address)
+        members_iter = iter(members_list)
+    stream_rows = max(64, min(8192, budget // 16 // (12 * (proj_dim or 2048))))
     bar = tqdm(total=total, desc=f"{m_obj.name} members", unit="member", disable=not progress)
-    for i, member in enumerate(ensemble.members(models, ctx)):
+    for i, member in enumerate(members_iter):
         costs.train_s += member.train_s
         if member.extra_weight_names:
             costs.weights_bytes += weights_bytes(member.model, member.extra_weight_names)
-        tag = f"member-{i:03d}"
+        tag = member_tag(i, member)
         if member.feature_key is not None and member.feature_key in shared:
             result = shared[member.feature_key]
+        elif out_of_core:
+            result = _member_factors(run, member, tag, costs, stream_rows)
         else:
             result = _score_member(run, member, tag, costs, checkpoints, checkpoint_lrs)
-            if member.feature_key is not None:
-                tag = member.feature_key
-                shared[member.feature_key] = result
+        if member.feature_key is not None:
+            shared.setdefault(member.feature_key, result)
         if member.q_model is not None:
             with timer(costs, "score_s"):
-                result = MemberResult(result.values, run.q_term(member.q_model), result.info)
+                q = run.q_term(member.q_model)
+            result = (
+                replace(result, q=q)
+                if isinstance(result, MemberFactors)
+                else MemberResult(result.values, q, result.info)
+            )
             costs.flops += run.fwd_flops * n_train
-        combiner.add(result)
+        if isinstance(result, MemberFactors):
+            factors.append(result)
+        else:
+            combiner.add(result)
         members_info.append(
             {
                 "label": member.label,
@@ -360,10 +461,23 @@ def attribute(
         )
         bar.update(1)
     bar.close()
-    if combiner.count != total:
-        raise RuntimeError(f"ensemble produced {combiner.count} members, expected {total}")
+    count = len(factors) if out_of_core else combiner.count
+    if count != total:
+        raise RuntimeError(f"ensemble produced {count} members, expected {total}")
+    top = None
+    block = None
     with timer(costs, "score_s"):
-        values = combiner.result()
+        if out_of_core:
+            blocked = score_blocked(
+                factors, m_obj.combine, n_train, budget, scores_out, top_k, progress
+            )
+            values, top, block = blocked.values, blocked.top, blocked.block
+            costs.flops += 2.0 * n_test * n_train * sum(f.left.shape[1] for f in factors)
+        else:
+            values = combiner.result().numpy()
+    del factors
+    if tmp_store is not None and scores_out is None:
+        tmp_store.cleanup()
     config = {
         "method": m_obj.name,
         "method_options": m_obj.options(),
@@ -379,9 +493,37 @@ def attribute(
         "n_test": x_test.shape[0],
         "task": task.name,
         "etda_version": __version__,
+        "storage": storage,
+        "out_of_core": bool(out_of_core),
+        "score_block": block,
+        "memory_budget": budget,
+        "executor": executor,
         "wall_s": time.perf_counter() - t_start,
     }
-    return Scores(values.numpy(), m_obj.name, config, costs)
+    scores = Scores(values, m_obj.name, config, costs)
+    if top is not None:
+        scores.topk = top
+    if tmp_store is not None:
+        tmp_store.cleanup()
+    return scores
+
+
+def _dense_need(n_train: int, n_test: int, k: int) -> int:
+    """Bytes the dense path holds at its peak: one member's training features in float64
+    twice (matrix and solve) plus three ``(n_test, n_train)`` float64 score matrices."""
+    return 16 * n_train * k + 24 * n_train * n_test
+
+
+def member_tag(i: int, member: Member) -> str:
+    """The store folder of member ``i`` (members sharing features use the first one's)."""
+    return f"member-{i:03d}"
+
+
+def _member_factors(run: _Run, member: Member, tag: str, costs: Costs, block: int) -> MemberFactors:
+    train_st, test_b, fz = run.featurize(member, member.model, tag, costs, load_train=False)
+    ctx = MemberContext(member.model, run.task, fz.params)
+    with timer(costs, "score_s"):
+        return run.method.factors(train_st, test_b, ctx, block)
 
 
 def _lora_type() -> type:

@@ -178,6 +178,32 @@ AddressOpt = Annotated[
 ]
 
 
+def _storage_cb(value: str) -> str:
+    from etda.features.store import STORAGE
+
+    if value not in STORAGE:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(STORAGE)}")
+    return value
+
+
+def _featurize_executor_cb(value: str | None) -> str | None:
+    if value is not None and value not in EXECUTORS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(EXECUTORS)}")
+    return value
+
+
+def _bytes_option(value: str, flag: str) -> int:
+    from etda.cost import parse_bytes
+
+    try:
+        n = parse_bytes(value)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise typer.BadParameter(f"{value!r} is not a size such as 2GB or 500MB", param_hint=flag)
+    return n
+
+
 def _lds_config(n_subsets: int, fraction: float, seeds_per_subset: int):
     from etda.evaluate.lds import LDSConfig
 
@@ -269,6 +295,33 @@ def attribute(
     top_k: Annotated[
         int, typer.Option(min=1, help="Proponents and opponents shown per test example.")
     ] = 3,
+    max_memory: Annotated[
+        str,
+        typer.Option(
+            help="Memory the run may use, e.g. 2GB; beyond it, scoring streams block by block."
+        ),
+    ] = "2GB",
+    storage: Annotated[
+        str,
+        typer.Option(
+            callback=_storage_cb, help="Stored feature precision: float32 | float16 | bfloat16."
+        ),
+    ] = "float32",
+    scores_out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the (n_test, n_train) scores to this .npy file block by block "
+            "(out-of-core; top-k kept in memory)."
+        ),
+    ] = None,
+    featurize_executor: Annotated[
+        str | None,
+        typer.Option(
+            callback=_featurize_executor_cb,
+            help="Where members and training shards are featurized: inprocess | process | "
+            "ray (default: ray with --executor ray, else inprocess).",
+        ),
+    ] = None,
     threads: ThreadsOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
@@ -301,6 +354,15 @@ def attribute(
             executor=executor,
             workers=workers,
             address=address,
+            attribute_options={
+                "memory_budget": _bytes_option(max_memory, "--max-memory"),
+                "storage": storage,
+                "scores_out": scores_out,
+                "top_k": max(top_k, 10),
+                "executor": featurize_executor or ("ray" if executor == "ray" else "inprocess"),
+                "workers": workers,
+                "address": address,
+            },
         )
     scores.save(out)
     _print_summary(scores, result, out, top, top_k)
@@ -319,6 +381,15 @@ def _print_summary(scores, result, out: Path, top: int, top_k: int) -> None:
         f"{escape(cfg.get('ensemble_kind', '?'))} ({len(models)} model(s), {n_members} member(s))"
     )
     con.print(f"scores: {n_test} test x {n_train} train -> {escape(str(out))}")
+    if cfg.get("out_of_core"):
+        where = getattr(scores.values, "filename", None) or "memory"
+        con.print(
+            f"out of core: budget {human_bytes(cfg['memory_budget'])}, blocks of "
+            f"{cfg['score_block']} training columns, scores in {escape(str(where))}, "
+            f"features stored as {cfg['storage']}"
+        )
+    elif cfg.get("storage", "float32") != "float32":
+        con.print(f"features stored as {cfg['storage']}")
     proj = cfg.get("projection")
     proj_text = f"{proj}, k = {cfg['proj_dim']}" if cfg.get("proj_dim") else f"{proj}"
     if proj == "none":
@@ -519,9 +590,15 @@ def bench(
     with_report: Annotated[
         bool, typer.Option("--report/--no-report", help="Write report.md and the plots.")
     ] = True,
-    n_subsets: NSubsetsOpt = 50,
+    n_subsets: Annotated[
+        int | None,
+        typer.Option(help="LDS: random training subsets (default: the sweep's, 50; kjv 40)."),
+    ] = None,
     fraction: FractionOpt = 0.5,
-    seeds_per_subset: SeedsPerSubsetOpt = 1,
+    seeds_per_subset: Annotated[
+        int | None,
+        typer.Option(min=1, help="LDS: models per subset (default: the sweep's, 1; kjv 2)."),
+    ] = None,
     executor: ExecutorOpt = "process",
     workers: WorkersOpt = None,
     address: AddressOpt = None,
@@ -538,11 +615,17 @@ def bench(
     Resumable: configurations already in results.json are skipped unless --force.
     """
     from etda.bench.runner import run_bench
+    from etda.bench.sweeps import get_sweep
 
-    config = _lds_config(n_subsets, fraction, seeds_per_subset)
     wanted = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     for m in wanted or []:
         _method_cb(m)
+    sweep = get_sweep(quick, wanted, setting)
+    config = _lds_config(
+        sweep.n_subsets if n_subsets is None else n_subsets,
+        fraction,
+        sweep.seeds_per_subset if seeds_per_subset is None else seeds_per_subset,
+    )
     set_threads(threads)
     con = _out()
     with _user_errors():
@@ -551,6 +634,7 @@ def bench(
             quick,
             out,
             wanted,
+            sweep=sweep,
             executor=executor,
             workers=workers,
             address=address,
@@ -685,6 +769,130 @@ def explain(
                 f"{setting}-test{test}-{method}-{ensemble}-k{models}-m{m}-s{seed}.png"
             )
             typer.echo(f"image grid: {render_png(e, path)}")
+
+
+# -------------------------------------------------------------------------------- plan
+# Also a self-contained addition: the budget planner over saved benchmark results.
+
+from collections.abc import Callable  # noqa: E402
+
+from etda.plan import parse_seconds, parse_size  # noqa: E402
+
+
+def _budget_cb(parse: Callable[[str], float]) -> Callable[[str | None], str | None]:
+    """A callback that rejects a budget string ``parse`` cannot read (the value stays a
+    string; the command parses it)."""
+
+    def check(value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse(value)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc)) from None
+        return value
+
+    return check
+
+
+@app.command()
+def plan(
+    setting: SettingOpt = "fmnist-mlp",
+    budget_train: Annotated[
+        str | None,
+        typer.Option(
+            callback=_budget_cb(parse_seconds),
+            help="Training-time budget: 60s, 90 (seconds), 5m, 1.5h (default: none).",
+        ),
+    ] = None,
+    budget_serve: Annotated[
+        str | None,
+        typer.Option(
+            callback=_budget_cb(parse_seconds),
+            help="Serving-time budget (featurize + score): 30s, 5m, ... (default: none).",
+        ),
+    ] = None,
+    budget_bytes: Annotated[
+        str | None,
+        typer.Option(
+            callback=_budget_cb(parse_size),
+            help="Space budget: 500MB, 2GB, 800KB, 1e9 (bytes; KB = 1024 B as in the "
+            "reports) (default: none).",
+        ),
+    ] = None,
+    method: MethodOpt = "trak",
+    results: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--results",
+            help="results.json files or folders (repeatable; default benchmarks/results/"
+            "<setting> and <setting>-quick; the first listed wins a collision).",
+        ),
+    ] = None,
+    top: Annotated[int, typer.Option(min=1, help="Feasible candidates shown.")] = 10,
+    show_all: Annotated[
+        bool,
+        typer.Option(
+            "--all/--pareto",
+            help="Show every feasible candidate, or only those no other one beats on LDS "
+            "and every cost (default).",
+        ),
+    ] = False,
+) -> None:
+    """Recommend the ensemble (kind, K, M, proj_dim) with the best expected LDS within
+    training, serving and space budgets, from saved benchmark results (measured) and
+    per-family fits of them (predicted), and explain why."""
+    from etda import plan as planner
+
+    con = _out()
+    with _user_errors():
+        p = planner.plan(
+            setting,
+            budget_train=None if budget_train is None else parse_seconds(budget_train),
+            budget_serve=None if budget_serve is None else parse_seconds(budget_serve),
+            budget_bytes=None if budget_bytes is None else parse_size(budget_bytes),
+            method=method,
+            results=results,
+        )
+    shown = p.feasible if show_all else p.pareto()
+    hidden = "" if show_all else f", {len(p.feasible) - len(shown)} dominated hidden"
+    table = Table(
+        title=f"{escape(setting)} / {escape(method)}: {len(p.feasible)} of "
+        f"{len(p.candidates)} candidates within {escape(p.budgets.describe())} (top {top}"
+        f"{hidden})",
+        title_justify="left",
+        header_style="bold",
+    )
+    for col, just in (
+        ("#", "right"),
+        ("configuration", "left"),
+        ("K", "right"),
+        ("M", "right"),
+        ("proj_dim", "left"),
+        ("LDS ± s.e.", "right"),
+        ("figures", "left"),
+        ("train", "right"),
+        ("serve", "right"),
+        ("space", "right"),
+    ):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for i, c in enumerate(shown[:top], 1):
+        table.add_row(
+            str(i),
+            escape(c.label),
+            str(c.models),
+            str(c.members),
+            escape(c.features),
+            f"{c.lds:.4f} ± {c.sem:.4f}",
+            c.kind,
+            planner.fmt_seconds(c.train_s),
+            planner.fmt_seconds(c.serve_s),
+            human_bytes(c.bytes),
+            style="bold green" if i == 1 else None,
+        )
+    con.print(table)
+    rec = p.recommendation
+    con.print(f"[bold]recommendation:[/bold] {escape(rec.headline())}")
+    con.print(escape(p.explain()), soft_wrap=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -286,6 +286,7 @@ def run_attribution(
     workers: int | None = None,
     address: str | None = None,
     method_options: Mapping[str, Any] | None = None,
+    attribute_options: Mapping[str, Any] | None = None,
 ) -> tuple[Scores, LDSResult | None]:
     """Attribute a setting's test set to its training set; optionally measure the LDS.
 
@@ -294,8 +295,11 @@ def run_attribution(
     etc., or an Ensemble object), and runs :func:`etda.attribute` with the models' original
     training seconds as ``train_seconds``. Checkpoint ensembles use ``members`` (kind
     string) or ``n_checkpoints`` (object) checkpoints per run, evenly spaced; TracIn uses
-    ``n_checkpoints``. ``lds_config``: if given, the LDS against the cached ground truth
-    (built or resumed with ``executor``) is returned and recorded in ``scores.config["lds"]``.
+    ``n_checkpoints``. ``attribute_options``: further keywords for :func:`etda.attribute`
+    (``memory_budget``, ``storage``, ``scores_out``, ``top_k``, and ``executor``/``workers``/
+    ``address`` for featurization). ``lds_config``: if given, the LDS against the cached
+    ground truth (built or resumed with ``executor``) is returned and recorded in
+    ``scores.config["lds"]``.
 
     Returns ``(scores, lds_result or None)``; ``scores.config`` also records the setting,
     the models (seeds, cache paths, seconds, cached or trained now) and checkpoint epochs.
@@ -356,6 +360,7 @@ def run_attribution(
         progress=progress,
         train_seconds=sum(tm.seconds for tm in tms),
         **tracin_kw,
+        **dict(attribute_options or {}),
         **options,
     )
     if tracin_kw:

@@ -366,8 +366,10 @@ def run_bench(
     report and PNG plots (``etda.report.write_report``).
     """
     setting = get_setting(setting) if isinstance(setting, str) else setting
-    sweep = (sweep or get_sweep(quick)).only(methods)
-    lds_config = lds_config or LDSConfig()
+    sweep = (sweep or get_sweep(quick, setting=setting.name)).only(methods)
+    lds_config = lds_config or LDSConfig(
+        n_subsets=sweep.n_subsets, seeds_per_subset=sweep.seeds_per_subset
+    )
     out = Path(out) if out is not None else default_out(setting.name, quick)
     fingerprint = setting.fingerprint()
     stamp = _stamp(fingerprint, lds_config)

@@ -152,10 +152,15 @@ class VarianceConfig:
 
 @dataclass(frozen=True)
 class Sweep:
+    """What ``etda bench`` runs. ``n_subsets``/``seeds_per_subset``: the LDS ground truth the
+    sweep was designed for (the CLI's defaults; an explicit option overrides them)."""
+
     name: str
     configs: tuple[BenchConfig, ...]
     mislabel: tuple[MislabelConfig, ...] = ()
     variance: VarianceConfig | None = None
+    n_subsets: int = 50
+    seeds_per_subset: int = 1
 
     def only(self, methods: list[str] | None) -> Sweep:
         """The sweep restricted to ``methods`` (None: all)."""
@@ -252,9 +257,69 @@ QUICK = Sweep(
     variance=VarianceConfig("trak", "dropout", 2, 3, predict_models=(1, 2, 5, 10)),
 )
 
+
+def _cnn_full() -> list[BenchConfig]:
+    """fmnist2-cnn: every ensemble kind at the sizes two cores afford with exact conv
+    features (each fully featurized member costs one n x n kernel over ~10^5-dim gradients).
+    The model is trained without dropout; dropout kinds mask its p=0 layer at p=0.1."""
+    out = [BenchConfig("trak", "none", k) for k in (1, 2, 4, 8)]
+    out += [BenchConfig("trak", "dropout", 1, m) for m in (5, 10)]
+    out += [BenchConfig("trak", "checkpoints", 1, m) for m in (3, 5)]
+    out += [BenchConfig("trak", "dropout-forward", 1, m) for m in (10, 20)]
+    out += [
+        BenchConfig("trak", "dropout-per-example", 1, 5),
+        BenchConfig("trak", "dropout", 2, 5),
+        BenchConfig("trak", "lora", 1, 4),
+        BenchConfig("trak", "projection-seeds", 1, 5, proj_dim=512),
+    ]
+    for method in ("graddot", "gradcos", "if"):
+        out += [BenchConfig(method, "none", 1), BenchConfig(method, "none", 4)]
+    out += [BenchConfig("if", "dropout", 1, 5), BenchConfig("tracin", "none", 1)]
+    return out
+
+
+CNN_FULL = Sweep(
+    "full",
+    tuple(_cnn_full()),
+    mislabel=(
+        MislabelConfig("trak", "none", 1),
+        MislabelConfig("trak", "best-dropout", 1),
+        MislabelConfig("trak", "none", 1, dropout=0.0, epochs_factor=2, note="memorizes"),
+    ),
+    variance=VarianceConfig("trak", "dropout", 2, 3, predict_models=(1, 2, 5, 10)),
+)
+
+
+def _kjv_full() -> list[BenchConfig]:
+    """kjv-transformer: the generative benchmark of the issue, TRAK and Grad-Cos over naive
+    1/5, dropout 10/20, LoRA 4/8 and hybrid 2 x 10, on factored TensorSketch features
+    (k=2048): exact features of every token position would not fit two cores' budget."""
+    out = []
+    for method in ("trak", "gradcos"):
+        sk = {"proj_dim": 2048, "projection": "factored"}
+        out += [BenchConfig(method, "none", k, **sk) for k in (1, 5)]
+        out += [BenchConfig(method, "dropout", 1, m, **sk) for m in (10, 20)]
+        out += [BenchConfig(method, "lora", 1, m, **sk) for m in (4, 8)]
+        out += [BenchConfig(method, "dropout", 2, 10, **sk)]
+        if method == "trak":
+            out += [BenchConfig(method, "none", 2, **sk), BenchConfig(method, "none", 3, **sk)]
+            out += [BenchConfig(method, "checkpoints", 1, 5, **sk)]
+    return out
+
+
+# Sequence log-likelihoods vary with each retraining seed as much as with the subset: two
+# seeds per subset halve that noise in the ground truth.
+KJV_FULL = Sweep("full", tuple(_kjv_full()), n_subsets=40, seeds_per_subset=2)
+
 SWEEPS = {"full": FULL, "quick": QUICK}
+SETTING_SWEEPS: dict[str, Sweep] = {"fmnist2-cnn": CNN_FULL, "kjv-transformer": KJV_FULL}
 
 
-def get_sweep(quick: bool = False, methods: list[str] | None = None) -> Sweep:
-    """The quick or full sweep, restricted to ``methods`` if given."""
-    return (QUICK if quick else FULL).only(methods)
+def get_sweep(
+    quick: bool = False, methods: list[str] | None = None, setting: str | None = None
+) -> Sweep:
+    """The quick or full sweep (``setting``'s own full sweep where it has one), restricted
+    to ``methods`` if given."""
+    if quick:
+        return QUICK.only(methods)
+    return SETTING_SWEEPS.get(setting or "", FULL).only(methods)

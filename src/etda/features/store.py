@@ -40,25 +40,70 @@ def _atomic_write_json(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def _checksum(arrays: list[np.ndarray], lo: int, hi: int) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(np.ascontiguousarray(a[lo:hi]).tobytes())
-    return h.hexdigest()[:32]
+STORAGE = ("float32", "float16", "bfloat16")
+EXTRA_BLOCKS = ("f", "q")  # outputs and TRAK's Q: not features, kept at full precision
+
+
+def storage_np_dtype(storage: str) -> np.dtype:
+    """The on-disk numpy dtype of a storage precision (bfloat16 as its raw 16-bit words)."""
+    if storage not in STORAGE:
+        raise ValueError(f"storage must be one of {STORAGE}, got {storage!r}")
+    return np.dtype(np.uint16) if storage == "bfloat16" else np.dtype(storage)
+
+
+def to_storage(t: Tensor, storage: str) -> np.ndarray:
+    """A (rows, width) feature tensor as the stored numpy array; refuses overflow to inf."""
+    t = t.detach().cpu()
+    if storage == "float32":
+        return t.to(torch.float32).numpy()
+    low = t.to(getattr(torch, storage))
+    if not bool(torch.isfinite(low).all()) and bool(torch.isfinite(t).all()):
+        big = float(t.abs().max())
+        raise OverflowError(
+            f"features up to {big:.3g} overflow {storage} (max {torch.finfo(low.dtype).max:.3g}); "
+            "store them as bfloat16 or float32 instead"
+        )
+    return low.view(torch.uint16).numpy() if storage == "bfloat16" else low.numpy()
+
+
+def from_storage(a: np.ndarray, storage: str, dtype: torch.dtype) -> Tensor:
+    """Stored rows back as a tensor of the compute ``dtype`` (shares memory when the
+    stored dtype is the compute dtype, else a converted copy)."""
+    t = torch.from_numpy(a)
+    if storage == "bfloat16":
+        t = t.view(torch.bfloat16)
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class SplitStore:
-    """Feature blocks of one member on one split (``train`` or ``test``)."""
+    """Feature blocks of one member on one split (``train`` or ``test``).
+
+    ``dtype`` is the compute dtype the features come back in; ``storage`` the precision of
+    the feature blocks on disk (``float32`` default; ``float16``/``bfloat16`` halve the
+    bytes; the width-1 output and Q blocks always keep the compute dtype). On disk, rows are
+    written and read with plain file I/O, so streaming over a large store (``rows``) does
+    not grow the process's resident memory; ``load`` maps whole arrays for small problems.
+    """
 
     def __init__(
-        self, folder: Path | None, n: int, widths: dict[str, int], dtype: torch.dtype
+        self,
+        folder: Path | None,
+        n: int,
+        widths: dict[str, int],
+        dtype: torch.dtype,
+        storage: str = "float32",
     ) -> None:
         self.folder, self.n, self.widths = folder, n, dict(sorted(widths.items()))
-        self.np_dtype = np.dtype(str(dtype).removeprefix("torch."))
+        self.dtype, self.storage = dtype, storage
+        compute = np.dtype(str(dtype).removeprefix("torch."))
+        low = storage_np_dtype(storage) if storage != "float32" else compute
+        self.kinds = {k: ("float32" if k in EXTRA_BLOCKS else storage) for k in self.widths}
+        self.np_dtypes = {k: (compute if k in EXTRA_BLOCKS else low) for k in self.widths}
         self.arrays: dict[str, np.ndarray] = {}
+        self.offsets: dict[str, int] = {}
         self.done: list[list] = []  # [lo, hi, checksum]
         if folder is None:
-            self.arrays = {k: np.zeros((n, w), self.np_dtype) for k, w in self.widths.items()}
+            self.arrays = {k: np.zeros((n, w), self.np_dtypes[k]) for k, w in self.widths.items()}
             return
         folder.mkdir(parents=True, exist_ok=True)
         done_file = folder / "done.json"
@@ -66,21 +111,25 @@ class SplitStore:
             try:
                 self.done = json.loads(done_file.read_text())["ranges"]
                 for k, w in self.widths.items():
-                    a = np.load(folder / f"{k}.npy", mmap_mode="r+")
-                    if a.shape != (n, w) or a.dtype != self.np_dtype:
+                    a = np.load(folder / f"{k}.npy", mmap_mode="r")
+                    if a.shape != (n, w) or a.dtype != self.np_dtypes[k]:
                         raise CorruptStoreError(
-                            f"{folder / k}.npy has shape {a.shape}, expected {(n, w)}"
+                            f"{folder / k}.npy has shape {a.shape} and dtype {a.dtype}, "
+                            f"expected {(n, w)} {self.np_dtypes[k]}"
                         )
-                    self.arrays[k] = a
+                    self.offsets[k] = a.offset
+                    del a
             except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
                 raise CorruptStoreError(
                     f"feature store {folder} is unreadable ({e}); delete the folder to recompute"
                 ) from e
         else:
             for k, w in self.widths.items():
-                self.arrays[k] = np.lib.format.open_memmap(
-                    folder / f"{k}.npy", mode="w+", dtype=self.np_dtype, shape=(n, w)
+                a = np.lib.format.open_memmap(
+                    folder / f"{k}.npy", mode="w+", dtype=self.np_dtypes[k], shape=(n, w)
                 )
+                self.offsets[k] = a.offset
+                del a  # header written; rows go through file I/O
             self._save_done()
 
     def _save_done(self) -> None:
@@ -88,7 +137,10 @@ class SplitStore:
             _atomic_write_json(self.folder / "done.json", {"ranges": self.done})
 
     def missing(self, chunk: int) -> Iterator[tuple[int, int]]:
-        """Row ranges ``[lo, hi)`` still to compute, at most ``chunk`` rows each."""
+        """Row ranges ``[lo, hi)`` still to compute, at most ``chunk`` rows each.
+
+        Ranges end on multiples of ``chunk`` where possible, so every run (in one process
+        or sharded over workers) computes the same chunks."""
         covered = np.zeros(self.n, dtype=bool)
         for lo, hi, _ in self.done:
             covered[lo:hi] = True
@@ -97,8 +149,8 @@ class SplitStore:
             if covered[i]:
                 i += 1
                 continue
-            j = i
-            while j < self.n and not covered[j] and j - i < chunk:
+            j = i + 1
+            while j < self.n and not covered[j] and j % chunk:
                 j += 1
             yield i, j
             i = j
@@ -107,36 +159,115 @@ class SplitStore:
     def complete(self) -> bool:
         return sum(hi - lo for lo, hi, _ in self.done) == self.n
 
-    def write(self, lo: int, hi: int, blocks: dict[str, Tensor]) -> None:
+    def encode(self, blocks: dict[str, Tensor]) -> dict[str, np.ndarray]:
+        """Computed blocks as the arrays this store keeps (storage precision)."""
         if set(blocks) != set(self.widths):
             raise ValueError(
                 f"blocks {sorted(blocks)} do not match the store's {sorted(self.widths)}"
             )
+        out = {}
         for k, t in blocks.items():
-            self.arrays[k][lo:hi] = t.detach().cpu().numpy().astype(self.np_dtype, copy=False)
-        arrays = [self.arrays[k] for k in self.widths]
-        if self.folder is not None:
-            for a in arrays:
-                a.flush()
-        self.done.append([lo, hi, _checksum(arrays, lo, hi)])
+            if self.kinds[k] == "float32":
+                a = t.detach().cpu().numpy().astype(self.np_dtypes[k], copy=False)
+            else:
+                a = to_storage(t, self.kinds[k])
+            out[k] = np.ascontiguousarray(a)
+        return out
+
+    def write(self, lo: int, hi: int, blocks: dict[str, Tensor]) -> None:
+        """Store rows ``[lo, hi)``; they are recorded as done only after reaching the file."""
+        arrays = self.encode(blocks)
+        self.write_encoded(lo, hi, arrays)
+        self.record(lo, hi, _checksum([arrays[k] for k in self.widths], 0, hi - lo))
+
+    def write_encoded(self, lo: int, hi: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write encoded rows without recording them (workers write, the driver records)."""
+        for k, a in arrays.items():
+            if a.shape != (hi - lo, self.widths[k]) or a.dtype != self.np_dtypes[k]:
+                raise ValueError(f"rows of {k} have shape {a.shape} and dtype {a.dtype}")
+            if self.folder is None:
+                self.arrays[k][lo:hi] = a
+                continue
+            row = self.widths[k] * self.np_dtypes[k].itemsize
+            with open(self.folder / f"{k}.npy", "r+b") as f:
+                f.seek(self.offsets[k] + lo * row)
+                f.write(np.ascontiguousarray(a).tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+
+    def record(self, lo: int, hi: int, checksum: str) -> None:
+        """Mark rows ``[lo, hi)`` as done (their bytes have the given checksum)."""
+        self.done.append([lo, hi, checksum])
         self._save_done()
 
+    def raw(self, key: str, lo: int, hi: int) -> np.ndarray:
+        """Stored rows ``[lo, hi)`` of block ``key`` as a fresh array (storage precision)."""
+        if self.folder is None:
+            return self.arrays[key][lo:hi]
+        w, dt = self.widths[key], self.np_dtypes[key]
+        with open(self.folder / f"{key}.npy", "rb") as f:
+            f.seek(self.offsets[key] + lo * w * dt.itemsize)
+            a = np.fromfile(f, dtype=dt, count=(hi - lo) * w)
+        if a.size != (hi - lo) * w:
+            raise CorruptStoreError(f"feature store {self.folder}: {key}.npy is truncated")
+        return a.reshape(hi - lo, w)
+
+    def rows(self, lo: int, hi: int, keys: list[str] | None = None) -> dict[str, Tensor]:
+        """Rows ``[lo, hi)`` of every block (or of ``keys``) in the compute dtype."""
+        return {
+            k: from_storage(self.raw(k, lo, hi), self.kinds[k], self.dtype)
+            for k in (keys or list(self.widths))
+        }
+
+    def verify(self) -> None:
+        """Check every recorded range against its checksum (reads the files once)."""
+        if self.folder is None:
+            return
+        for lo, hi, cs in self.done:
+            if _checksum([self.raw(k, lo, hi) for k in self.widths], 0, hi - lo) != cs:
+                raise CorruptStoreError(
+                    f"feature store {self.folder}: rows {lo}:{hi} fail their checksum "
+                    "(the files were modified or damaged); delete the folder to recompute"
+                )
+
     def load(self, verify: bool = True) -> dict[str, Tensor]:
-        """All blocks as tensors ``{name: (n, width)}`` (memory-mapped when on disk)."""
+        """All blocks as tensors ``{name: (n, width)}`` in the compute dtype (float32 on
+        disk: memory-mapped; lower precision: converted copies)."""
         if not self.complete:
             raise RuntimeError(f"feature store {self.folder} is incomplete")
-        if verify and self.folder is not None:
-            arrays = [self.arrays[k] for k in self.widths]
-            for lo, hi, cs in self.done:
-                if _checksum(arrays, lo, hi) != cs:
-                    raise CorruptStoreError(
-                        f"feature store {self.folder}: rows {lo}:{hi} fail their checksum "
-                        "(the files were modified or damaged); delete the folder to recompute"
-                    )
-        return {k: torch.from_numpy(np.asarray(a)) for k, a in self.arrays.items()}
+        if verify:
+            self.verify()
+        out = {}
+        for k in self.widths:
+            a = (
+                self.arrays[k]
+                if self.folder is None
+                else np.load(self.folder / f"{k}.npy", mmap_mode="r+")
+            )
+            out[k] = from_storage(a, self.kinds[k], self.dtype)
+        return out
+
+    def feature_nbytes(self) -> int:
+        """Bytes of the stored feature blocks (storage precision; not outputs or Q)."""
+        return int(
+            sum(
+                self.n * w * self.np_dtypes[k].itemsize
+                for k, w in self.widths.items()
+                if k not in EXTRA_BLOCKS
+            )
+        )
 
     def nbytes(self) -> int:
-        return int(sum(a.nbytes for a in self.arrays.values()))
+        """Bytes of the stored blocks (storage precision)."""
+        return int(sum(self.n * w * self.np_dtypes[k].itemsize for k, w in self.widths.items()))
+
+
+def _checksum(arrays: list[np.ndarray], lo: int, hi: int) -> str:
+    """Checksum of rows ``[lo, hi)`` of ``arrays`` (the bytes exactly as stored)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a[lo:hi]).tobytes())
+    return h.hexdigest()[:32]
 
 
 class FeatureStore:
@@ -153,12 +284,18 @@ class FeatureStore:
         n: int,
         widths: dict[str, int],
         dtype: torch.dtype,
+        storage: str = "float32",
     ) -> SplitStore:
-        """Open (resume) or create the store of one member's split, validating ``meta``."""
+        """Open (resume) or create the store of one member's split, validating ``meta``.
+
+        ``storage``: precision of the stored features (``float32 | float16 | bfloat16``)."""
+        storage_np_dtype(storage)  # validates the name
         if self.root is None:
-            return SplitStore(None, n, widths, dtype)
+            return SplitStore(None, n, widths, dtype, storage)
         folder = self.root / member / split
-        meta = json.loads(json.dumps({**meta, "n": n, "widths": widths}, sort_keys=True))
+        meta = json.loads(
+            json.dumps({**meta, "n": n, "widths": widths, "storage": storage}, sort_keys=True)
+        )
         meta_file = folder / "meta.json"
         if meta_file.exists():
             try:
@@ -177,4 +314,4 @@ class FeatureStore:
                 stale.unlink()
             (folder / "done.json").unlink(missing_ok=True)
             _atomic_write_json(meta_file, meta)
-        return SplitStore(folder, n, widths, dtype)
+        return SplitStore(folder, n, widths, dtype, storage)

@@ -12,12 +12,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from etda.features import blocks as fb
+
+if TYPE_CHECKING:
+    from etda.features.store import SplitStore
+    from etda.outofcore import MemberFactors
 
 
 @dataclass
@@ -53,6 +57,16 @@ class Method(ABC):
 
     def options(self) -> dict:
         return {}
+
+    def factors(
+        self, train: SplitStore, test: Mapping[str, Tensor], ctx: MemberContext, block: int
+    ) -> MemberFactors:
+        """Out-of-core form of ``member``: ``tau = left @ Phi_train^T * col_scale`` from
+        stored training features streamed ``block`` rows at a time (etda.outofcore)."""
+        raise ValueError(
+            f"method {self.name!r} has no out-of-core form; use graddot, gradcos, if "
+            "(solver='eigen') or trak, or a memory budget that fits the dense scores"
+        )
 
     @abstractmethod
     def member(

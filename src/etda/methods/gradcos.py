@@ -19,3 +19,12 @@ class GradCos(Method):
         norm_te = fb.sq_norms(te).sqrt().clamp_min(eps)
         norm_tr = fb.sq_norms(tr).sqrt().clamp_min(eps)
         return MemberResult(dots / norm_te[:, None] / norm_tr[None, :])
+
+    def factors(self, train, test, ctx: MemberContext, block: int):
+        from etda.outofcore import MemberFactors, train_stats
+
+        eps = torch.finfo(torch.float64).tiny
+        stats = train_stats(train, block, gram=False)
+        left = fb.matrix(features_only(test)).to(torch.float64)
+        left = left / fb.sq_norms(features_only(test)).sqrt().clamp_min(eps)[:, None]
+        return MemberFactors(left, train, col_scale=1.0 / stats.sq_norms.sqrt().clamp_min(eps))

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad, jvp
 
+from etda.features import blocks as fb
 from etda.methods.base import MemberContext, MemberResult, Method, features_only
-from etda.methods.solve import DampedSystem, choose_damping
+from etda.methods.solve import DampedSystem, GramSystem, choose_damping
 
 
 class InfluenceFunction(Method):
@@ -49,6 +50,19 @@ class InfluenceFunction(Method):
         d = choose_damping(system, self.damping, y=torch.as_tensor(train["q"][:, 0]), scale=n)
         info = {"damping": {**d.to_dict(), "lam_H": d.lam / n}, "form": system.form}
         return MemberResult(system.solve(features_only(test), d.lam, scale=n), info=info)
+
+    def factors(self, train, test, ctx: MemberContext, block: int):
+        from etda.outofcore import MemberFactors, train_stats
+
+        if self.solver == "cg":
+            raise ValueError("IF solver='cg' has no out-of-core form; use solver='eigen'")
+        stats = train_stats(train, block)
+        n = train.n
+        system = GramSystem(stats.gram, n)
+        d = choose_damping(system, self.damping, scale=n)
+        left = system.left(fb.matrix(features_only(test)), d.lam, scale=n)
+        info = {"damping": {**d.to_dict(), "lam_H": d.lam / n}, "form": "feature (streamed)"}
+        return MemberFactors(left, train, info=info)
 
     def _cg(self, train, test, ctx: MemberContext) -> MemberResult:
         fz = ctx.featurizer

@@ -144,6 +144,35 @@ class DampedSystem:
         return self.n * rss / (shrink.sum(1) + extra) ** 2
 
 
+class GramSystem:
+    """The feature-space system from a streamed Gram matrix ``Phi^T Phi`` (out-of-core
+    scoring): the same damping rules (except GCV) and solve as :class:`DampedSystem`."""
+
+    form = "feature"
+
+    def __init__(self, gram: Tensor, n: int) -> None:
+        self.gram, self.n = gram, n
+        self.trace = float(gram.diagonal().sum())
+        self.dim = min(n, gram.shape[0])
+
+    @property
+    def base(self) -> float:
+        return self.trace / self.dim
+
+    def gcv(self, *args: object, **kwargs: object) -> Tensor:
+        raise ValueError(
+            "damping='gcv' is not available for out-of-core scoring; use 'auto', 'trace:C' "
+            "or a number"
+        )
+
+    def left(self, test_phi: Tensor, lam: float, scale: float = 1.0) -> Tensor:
+        """``scale * phi_test (Phi^T Phi + lam I)^-1``: ``(n_test, k)``."""
+        a = self.gram.clone()
+        a.diagonal().add_(lam)
+        chol = _cholesky(a)
+        return scale * torch.cholesky_solve(test_phi.to(torch.float64).T, chol).T
+
+
 def _cholesky(a: Tensor) -> Tensor:
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) != 0:  # numerically singular: add the smallest jitter that works
@@ -194,7 +223,10 @@ def _quadrature(
 
 
 def choose_damping(
-    system: DampedSystem, damping: float | str, y: Tensor | None = None, scale: float = 1.0
+    system: DampedSystem | GramSystem,
+    damping: float | str,
+    y: Tensor | None = None,
+    scale: float = 1.0,
 ) -> Damping:
     """Resolve ``damping``: a number (absolute, in units of ``Phi^T Phi / scale``),
     ``"auto"`` (spectral mean), ``"trace:c"`` or ``"gcv"`` (on targets ``y``)."""

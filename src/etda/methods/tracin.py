@@ -6,9 +6,12 @@ checkpoint Grad-Dot scores with the learning-rate weights ``eta_t``.
 
 from __future__ import annotations
 
+from etda.methods.base import Method
 from etda.methods.graddot import GradDot
 
 
 class TracIn(GradDot):
     name = "tracin"
     uses_checkpoints = True
+
+    factors = Method.factors  # checkpoints: no out-of-core form

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from etda.features import blocks as fb
 from etda.methods.base import MemberContext, MemberResult, Method, features_only
-from etda.methods.solve import DampedSystem, choose_damping
+from etda.methods.solve import DampedSystem, GramSystem, choose_damping
 
 
 class TRAK(Method):
@@ -31,3 +32,13 @@ class TRAK(Method):
         values = system.solve(features_only(test), d.lam)
         info = {"damping": d.to_dict(), "form": system.form}
         return MemberResult(values, q=torch.as_tensor(train["q"][:, 0]).double(), info=info)
+
+    def factors(self, train, test, ctx: MemberContext, block: int):
+        from etda.outofcore import MemberFactors, train_stats
+
+        stats = train_stats(train, block)
+        system = GramSystem(stats.gram, train.n)
+        d = choose_damping(system, self.damping)
+        left = system.left(fb.matrix(features_only(test)), d.lam)
+        info = {"damping": d.to_dict(), "form": "feature (streamed)"}
+        return MemberFactors(left, train, q=stats.q, info=info)

@@ -32,7 +32,7 @@ class ResNet9(nn.Module):
     """ResNet-9 layout (as in TRAK's CIFAR-2 model) at a small width.
 
     (N, in_channels, 28, 28) -> prep (w) -> layer1 (2w, pool) + residual -> layer2 (4w, pool)
-    -> layer3 (8w, pool) + residual -> adaptive max pool -> [Dropout] -> Linear -> (N, C).
+    -> layer3 (8w, pool) + residual -> adaptive max pool -> Dropout(p) -> Linear -> (N, C).
     Spatial sizes for 28x28: 28 -> 14 -> 7 -> 3 -> 1.
     """
 
@@ -53,7 +53,9 @@ class ResNet9(nn.Module):
             nn.AdaptiveMaxPool2d(1),
             nn.Flatten(),
         )
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Always a module (p=0: the identity, drawing no random numbers), so dropout
+        # ensembles can mask it with a rate override.
+        self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(8 * w, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,0 +1,164 @@
+"""Featurize ensemble members, and shards of the training set within a member, as
+independent jobs on an executor (local processes or Ray) writing to one feature store.
+
+The driver opens every member's stores (validating or creating their metadata), splits the
+missing rows into shards of whole chunks and submits one job per shard. A job rebuilds the
+member's featurizer from its spec (projections come from seeds, so every worker builds the
+same ones), computes its chunks exactly as a single process would (same chunk boundaries,
+one torch thread), writes the rows into the store's files and returns their checksums; only
+the driver records rows as done. A crash loses at most the shards in flight, and the
+result is bit-identical to featurizing in one process with one thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from etda.features.featurize import FeatureSpec, Featurizer
+from etda.features.store import SplitStore, _checksum
+from etda.parallel import default_workers, get_executor
+from etda.task import Task
+
+if TYPE_CHECKING:
+    from etda.attribute import _Run
+    from etda.cost import Costs
+    from etda.ensemble import Member
+
+
+@dataclass
+class ShardJob:
+    """Everything one worker needs to featurize rows of one member's split (picklable)."""
+
+    model: nn.Module
+    task: Task
+    params: list[str]
+    spec: FeatureSpec
+    probe: tuple[Tensor, Tensor]
+    use_hooks: bool
+    x: Tensor  # rows [base, base + len(x)) of the split
+    y: Tensor
+    base: int
+    ranges: list[tuple[int, int]]  # absolute row ranges to compute (chunk boundaries)
+    offset: int  # example-index offset (test examples have their own mask keys)
+    dtype: torch.dtype
+    folder: Path
+    n: int
+    widths: dict[str, int]
+    storage: str
+    what: str
+
+
+def featurize_shard(job: ShardJob) -> list[tuple[int, int, str]]:
+    """Compute and write the job's rows; return ``(lo, hi, checksum)`` per chunk."""
+    from etda.attribute import compute_rows
+
+    torch.set_num_threads(1)  # results must not depend on the worker's thread count
+    model = job.model
+    fz = Featurizer(model, job.task, job.params, job.spec, job.probe, job.use_hooks)
+    st = SplitStore(job.folder, job.n, job.widths, job.dtype, job.storage)
+    done = []
+    for lo, hi in job.ranges:
+        blocks = compute_rows(
+            model,
+            fz,
+            job.x,
+            job.y,
+            lo - job.base,
+            hi - job.base,
+            job.offset + job.base,
+            job.dtype,
+            job.what,
+        )
+        arrays = st.encode(blocks)
+        st.write_encoded(lo, hi, arrays)
+        done.append((lo, hi, _checksum([arrays[k] for k in st.widths], 0, hi - lo)))
+    return done
+
+
+def _shards(ranges: list[tuple[int, int]], count: int) -> list[list[tuple[int, int]]]:
+    """Consecutive ranges grouped into at most ``count`` shards of similar row counts."""
+    if not ranges:
+        return []
+    total = sum(hi - lo for lo, hi in ranges)
+    target = -(-total // max(1, count))
+    out: list[list[tuple[int, int]]] = [[]]
+    rows = 0
+    for r in ranges:
+        if rows >= target:
+            out.append([])
+            rows = 0
+        out[-1].append(r)
+        rows += r[1] - r[0]
+    return out
+
+
+def featurize_parallel(
+    run: _Run,
+    members: list[Member],
+    costs: Costs,
+    executor: str,
+    workers: int | None = None,
+    address: str | None = None,
+) -> int:
+    """Fill the stores of every member (members sharing features once) with shard jobs.
+
+    Returns the number of jobs run. The member loop afterwards finds the stores complete
+    and only loads them; featurization seconds are charged to ``costs`` here."""
+    from etda.attribute import member_tag
+    from etda.cost import timer
+
+    n_workers = workers or default_workers()
+    jobs: list[ShardJob] = []
+    stores: list[SplitStore] = []
+    seen: set[str] = set()
+    for i, member in enumerate(members):
+        if member.feature_key is not None:
+            if member.feature_key in seen:
+                continue
+            seen.add(member.feature_key)
+        tag = member_tag(i, member)
+        fz, meta = run.member_featurizer(member, member.model)
+        for split in ("train", "test"):
+            st, x, y, offset = run.open_split(fz, meta, tag, split)
+            ranges = list(st.missing(run.chunk_size))
+            count = 2 * n_workers if split == "train" else 1
+            for shard in _shards(ranges, count):
+                lo, hi = shard[0][0], shard[-1][1]
+                jobs.append(
+                    ShardJob(
+                        member.model,
+                        run.task,
+                        fz.params,
+                        run.spec(member),
+                        (run.x_train[:1], run.y_train[:1]),
+                        run.use_hooks,
+                        x[lo:hi],
+                        y[lo:hi],
+                        lo,
+                        shard,
+                        offset,
+                        run.torch_dtype,
+                        st.folder,
+                        st.n,
+                        st.widths,
+                        st.storage,
+                        f"{tag} {split}",
+                    )
+                )
+                stores.append(st)
+    if not jobs:
+        return 0
+    with timer(costs, "featurize_train_s"), get_executor(executor, n_workers, address) as ex:
+        bar = tqdm(total=len(jobs), desc="featurize shards", disable=not run.progress)
+        for pos, done in ex.map(featurize_shard, jobs):
+            for lo, hi, cs in done:
+                stores[pos].record(lo, hi, cs)
+            bar.update(1)
+        bar.close()
+    return len(jobs)

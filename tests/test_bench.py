@@ -23,6 +23,31 @@ def _in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may land in the repository's runs/ or benchmarks/
 
 
+def test_setting_sweeps() -> None:
+    from etda.bench.sweeps import get_sweep
+
+    assert get_sweep(setting="fmnist-mlp") is FULL and get_sweep(True, setting="x") is QUICK
+    kjv = get_sweep(setting="kjv-transformer")
+    keys = {c.key for c in kjv.configs}
+    assert len(keys) == len(kjv.configs)
+    # the generative benchmark of issue 6, on TensorSketch features, 2 seeds per subset
+    for method in ("trak", "gradcos"):
+        for k in (1, 5):
+            assert f"{method}/none/k{k}/m1/d2048/factored" in keys
+        for m in (10, 20):
+            assert f"{method}/dropout/k1/m{m}/d2048/factored" in keys
+        for m in (4, 8):
+            assert f"{method}/lora/k1/m{m}/d2048/factored/r8e2" in keys
+        assert f"{method}/dropout/k2/m10/d2048/factored" in keys
+    assert not kjv.mislabel and kjv.seeds_per_subset == 2 and kjv.n_subsets == 40
+    assert not get_sweep(True, setting="kjv-transformer").mislabel
+    cnn = {c.key for c in get_sweep(setting="fmnist2-cnn").configs}
+    for key in ("trak/none/k8/m1", "trak/dropout/k1/m10", "trak/dropout/k2/m5", "if/none/k4/m1"):
+        assert key in cnn
+    only = get_sweep(setting="kjv-transformer", methods=["gradcos"])
+    assert {c.method for c in only.configs} == {"gradcos"} and only.seeds_per_subset == 2
+
+
 def test_sweep_tables() -> None:
     for sweep in (FULL, QUICK):
         keys = [c.key for c in sweep.configs]

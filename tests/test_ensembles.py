@@ -24,13 +24,7 @@ TEST_OFFSET = 1 << 40  # per-example masks of test examples are keyed by index +
 N_TR, N_TE, D, H, C = 17, 5, 6, 7, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing the shared CPU cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class DropMLP(nn.Module):

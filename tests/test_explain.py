@@ -6,7 +6,6 @@ import dataclasses
 import functools
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from etda.cli import app
@@ -29,12 +28,7 @@ needs_kjv = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY_TEXT = Setting(

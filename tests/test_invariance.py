@@ -23,13 +23,7 @@ RANDOM = ["gaussian", "rademacher", "sparse", "factored"]
 N_TR, N_TE = 23, 9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing the shared CPU cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_mlp(seed: int = 0, dropout: float = 0.0) -> nn.Module:

@@ -18,12 +18,7 @@ D64 = torch.float64
 N_TR, N_TE = 37, 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_mlp(seed: int = 0, dtype: torch.dtype = D64) -> nn.Module:
@@ -175,25 +170,16 @@ def test_float16_overflow_is_refused_not_stored_as_inf():
 
 @pytest.mark.parametrize("storage", ["float16", "bfloat16"])
 def test_low_precision_scores_close_and_bytes_halved(storage, tmp_path):
-    kw = {"models": [make_mlp(0, torch.float32)], "dtype": "float32", "method": "graddot"}
-    full = etda.attribute(
-        kw["models"],
-        make_data(N_TR, 1, torch.float32),
-        make_data(N_TE, 2, torch.float32),
-        method="graddot",
-        proj_dim=24,
-        projection="factored",
-    )
-    low = etda.attribute(
-        kw["models"],
-        make_data(N_TR, 1, torch.float32),
-        make_data(N_TE, 2, torch.float32),
-        method="graddot",
-        proj_dim=24,
-        projection="factored",
-        storage=storage,
-        store=tmp_path,
-    )
+    model = make_mlp(0, torch.float32)
+    train, test = make_data(N_TR, 1, torch.float32), make_data(N_TE, 2, torch.float32)
+
+    def run(**kw) -> etda.Scores:
+        return etda.attribute(
+            model, train, test, method="graddot", proj_dim=24, projection="factored", **kw
+        )
+
+    full = run()
+    low = run(storage=storage, store=tmp_path)
     assert low.config["storage"] == storage
     assert low.costs.feature_bytes * 2 == full.costs.feature_bytes
     rel = np.abs(low.values - full.values).max() / np.abs(full.values).max()
@@ -201,15 +187,7 @@ def test_low_precision_scores_close_and_bytes_halved(storage, tmp_path):
     meta = json.loads((tmp_path / "member-000" / "train" / "meta.json").read_text())
     assert meta["storage"] == storage
     with pytest.raises(etda.StaleStoreError, match="storage"):
-        etda.attribute(
-            kw["models"],
-            make_data(N_TR, 1, torch.float32),
-            make_data(N_TE, 2, torch.float32),
-            method="graddot",
-            proj_dim=24,
-            projection="factored",
-            store=tmp_path,
-        )
+        run(store=tmp_path)  # float32 requested: the float16 store is not reused
 
 
 def test_unknown_storage_is_refused():

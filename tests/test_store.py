@@ -19,13 +19,7 @@ N_TR, N_TE, CHUNK = 23, 6, 4
 N_CHUNKS = -(-N_TR // CHUNK) + -(-N_TE // CHUNK)  # 6 train + 2 test
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing the shared CPU cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_mlp(seed: int = 0) -> nn.Module:

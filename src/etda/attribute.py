@@ -472,7 +472,7 @@ def attribute(
                 factors, m_obj.combine, n_train, budget, scores_out, top_k, progress
             )
             values, top, block = blocked.values, blocked.top, blocked.block
-            costs.flops += 2.0 * n_test * n_train * sum(f.left.shape[1] for f in factors)
+            costs.flops += 2.0 * n_test * n_train * sum(f.shape[1] for f in factors)
         else:
             values = combiner.result().numpy()
     del factors
@@ -523,7 +523,11 @@ def _member_factors(run: _Run, member: Member, tag: str, costs: Costs, block: in
     train_st, test_b, fz = run.featurize(member, member.model, tag, costs, load_train=False)
     ctx = MemberContext(member.model, run.task, fz.params)
     with timer(costs, "score_s"):
-        return run.method.factors(train_st, test_b, ctx, block)
+        f = run.method.factors(train_st, test_b, ctx, block)
+        f = replace(f, left=f.left.to(run.torch_dtype))  # the features' precision
+        if train_st.folder is not None:  # on disk until every member is in: memory stays flat
+            f = f.spill(train_st.folder.parent / "left.npy")
+    return f
 
 
 def _lora_type() -> type:

@@ -17,7 +17,7 @@ the ``top_k`` proponents/opponents of every test example are kept in memory.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,8 @@ from etda.features import blocks as fb
 from etda.features.store import SplitStore
 
 MIN_BLOCK = 64  # fewest training columns a block may hold
+MAX_BLOCK = 8192  # more columns per block buy no speed, only memory
+HEADROOM = 0.75  # share of the free budget a block may plan for (allocator, temporaries)
 
 
 class MemoryBudgetError(MemoryError):
@@ -86,18 +88,34 @@ def train_stats(st: SplitStore, block: int, gram: bool = True) -> TrainStats:
 
 @dataclass
 class MemberFactors:
-    """``tau = left @ Phi_train^T * col_scale`` for one member (see the module doc)."""
+    """``tau = left @ Phi_train^T * col_scale`` for one member (see the module doc).
 
-    left: Tensor  # (n_test, k) float64
+    ``left`` is ``(n_test, k)`` in float64 or the features' dtype (widened per block); once
+    :meth:`spill` has written it to ``left_file`` it is read back per block instead, so the
+    memory of a run does not grow with its number of members."""
+
+    left: Tensor | None
     train: SplitStore
     col_scale: Tensor | None = None  # (n_train,) float64
     q: Tensor | None = None  # (n_train,) TRAK's Q term
     info: dict = field(default_factory=dict)
+    left_file: Path | None = None
+    shape: tuple[int, int] = (0, 0)  # of left
 
-    @property
-    def nbytes(self) -> int:
-        extra = sum(t.numel() * 8 for t in (self.col_scale, self.q) if t is not None)
-        return self.left.numel() * 8 + extra
+    def __post_init__(self) -> None:
+        if self.left is not None:
+            self.shape = tuple(self.left.shape)  # type: ignore[assignment]
+
+    def spill(self, path: Path) -> MemberFactors:
+        """Write ``left`` to ``path`` (``.npy``) and drop it from memory."""
+        np.save(path, self.left.numpy())  # type: ignore[union-attr]
+        return replace(self, left=None, left_file=path)
+
+    def left_matrix(self) -> Tensor:
+        """``left`` as float64, from memory or read back from its file."""
+        if self.left is not None:
+            return self.left.to(torch.float64)
+        return torch.from_numpy(np.load(self.left_file, allow_pickle=False)).to(torch.float64)
 
 
 @dataclass
@@ -112,15 +130,15 @@ class BlockedScores:
 
 
 def plan_block(n_test: int, widths: list[int], fixed: int, budget: int, n_train: int) -> int:
-    """Training columns per block so that the working set fits ``budget`` bytes.
-
-    Per column: every member's row read and widened to float64 (``12 k`` bytes, one
-    member at a time) plus the float64 accumulator and one product (``16 n_test``)."""
+    """Training columns per block (at most ``MAX_BLOCK``) so that the working set fits
+    ``HEADROOM`` of what ``budget`` leaves after ``fixed`` bytes. Per column: every
+    member's row read and widened to float64 (``12 k`` bytes, one member at a time) plus
+    the float64 accumulator and one product (``16 n_test``)."""
     per_col = 12 * max(widths) + 16 * n_test + 64
-    room = budget - fixed
+    room = int(HEADROOM * (budget - fixed))
     block = room // per_col if room > 0 else 0
     if block < min(MIN_BLOCK, n_train):
-        need = fixed + per_col * min(MIN_BLOCK, n_train)
+        need = fixed + int(per_col * min(MIN_BLOCK, n_train) / HEADROOM)
         raise MemoryBudgetError(
             f"memory budget {budget / 2**20:.0f} MiB cannot hold one block of the scores: "
             f"{need / 2**20:.0f} MiB are needed for {min(MIN_BLOCK, n_train)} training "
@@ -128,7 +146,7 @@ def plan_block(n_test: int, widths: list[int], fixed: int, budget: int, n_train:
             "and top-k); raise --max-memory, lower proj_dim, or score fewer test examples "
             "at a time"
         )
-    return int(min(block, n_train))
+    return int(min(block, MAX_BLOCK, n_train))
 
 
 def score_blocked(
@@ -148,7 +166,7 @@ def score_blocked(
     may hold (its current resident memory counts against it)."""
     if not factors:
         raise ValueError("no members to score")
-    n_test = factors[0].left.shape[0]
+    n_test = factors[0].shape[0]
     m = len(factors)
     q = None
     if rule == "trak":
@@ -157,11 +175,14 @@ def score_blocked(
         q = sum(f.q for f in factors) / m  # type: ignore[misc]
     top_k = max(0, min(int(top_k), n_train))
     dense_bytes = n_test * n_train * 8
+    # fixed: the process now, the top-k, Q, and one member's left factor read back per block
+    k_max = max(f.shape[1] for f in factors)
     fixed = rss_bytes() + 2 * n_test * top_k * 16 + (n_train * 8 if q is not None else 0)
+    fixed += 16 * n_test * k_max
     in_memory = out is None
     if in_memory:
         fixed += dense_bytes
-    widths = [f.left.shape[1] for f in factors]
+    widths = [f.shape[1] for f in factors]
     try:
         block = plan_block(n_test, widths, fixed, budget, n_train)
     except MemoryBudgetError:
@@ -190,7 +211,7 @@ def score_blocked(
         acc = torch.zeros(n_test, hi - lo, dtype=torch.float64)
         for f in factors:
             phi = f.train.rows(lo, hi, [feature_key(f.train)])
-            part = f.left @ next(iter(phi.values())).to(torch.float64).T
+            part = f.left_matrix() @ next(iter(phi.values())).to(torch.float64).T
             if f.col_scale is not None:
                 part *= f.col_scale[lo:hi][None, :]
             acc += part

@@ -220,7 +220,15 @@ class RayExecutor(Executor):
                         log_to_driver=False,
                     )
             else:
-                ray.init(address=self.address)
+                try:
+                    ray.init(address=self.address, configure_logging=False)
+                except Exception as exc:  # noqa: BLE001 - ray raises many kinds here
+                    raise RuntimeError(
+                        f"could not join the Ray cluster at {self.address!r} ({exc}). Check "
+                        "that it is running (`ray status`); a cluster started with token "
+                        "authentication needs RAY_AUTH_MODE=token here too (the token comes "
+                        "from ~/.ray/auth_token or RAY_AUTH_TOKEN)"
+                    ) from exc
             self._owns_ray = True
         self._remote = ray.remote(num_cpus=1)(_ray_call)
         return self._remote

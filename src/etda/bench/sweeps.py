@@ -311,15 +311,29 @@ def _kjv_full() -> list[BenchConfig]:
 # seeds per subset halve that noise in the ground truth.
 KJV_FULL = Sweep("full", tuple(_kjv_full()), n_subsets=40, seeds_per_subset=2)
 
+_SK = {"proj_dim": 2048, "projection": "factored"}
+KJV_QUICK = Sweep(
+    "quick",
+    (
+        BenchConfig("trak", "none", 1, **_SK),
+        BenchConfig("trak", "none", 2, **_SK),
+        BenchConfig("trak", "dropout", 1, 5, **_SK),
+        BenchConfig("trak", "lora", 1, 2, **_SK),
+        BenchConfig("gradcos", "none", 1, **_SK),
+    ),
+    n_subsets=40,
+    seeds_per_subset=2,
+)
+
 SWEEPS = {"full": FULL, "quick": QUICK}
 SETTING_SWEEPS: dict[str, Sweep] = {"fmnist2-cnn": CNN_FULL, "kjv-transformer": KJV_FULL}
+SETTING_QUICK: dict[str, Sweep] = {"kjv-transformer": KJV_QUICK}
 
 
 def get_sweep(
     quick: bool = False, methods: list[str] | None = None, setting: str | None = None
 ) -> Sweep:
-    """The quick or full sweep (``setting``'s own full sweep where it has one), restricted
-    to ``methods`` if given."""
-    if quick:
-        return QUICK.only(methods)
-    return SETTING_SWEEPS.get(setting or "", FULL).only(methods)
+    """The quick or full sweep (``setting``'s own where it has one; sequence settings have
+    no labels to flip, so no mislabel runs), restricted to ``methods`` if given."""
+    table, default = (SETTING_QUICK, QUICK) if quick else (SETTING_SWEEPS, FULL)
+    return table.get(setting or "", default).only(methods)

@@ -13,7 +13,7 @@ to an ``.npy`` file under ``--max-memory 2GB``, top-10 kept in memory. Sections:
   the fitted growth exponent (seconds ~ n^b);
 * ``members``: 1, 10, 50 dropout members at n = 5000 -> the same against members;
 * ``big``: 60000 examples x 10 members at k = 2048 -> must hold 2 GB peak RSS;
-* ``executors``: featurizing 20000 examples x 4 members in process (2 threads) vs local
+* ``executors``: featurizing 60000 examples x 8 members in process (2 threads) vs local
   processes vs Ray (2 workers each) -> speed-up;
 * ``storage``: LDS of TRAK (one model, k = 2048) with features stored as float32, float16
   and bfloat16 on fmnist-mlp (cached ground truth), with feature bytes.
@@ -43,7 +43,7 @@ SECTIONS = {
     "members": [{"n": 5000, "members": m} for m in (1, 10, 50)],
     "big": [{"n": 60000, "members": 10}],
     "executors": [
-        {"n": 20000, "members": 4, "executor": e, "featurize_only": True}
+        {"n": 60000, "members": 8, "executor": e, "featurize_only": True}
         for e in ("inprocess", "process", "ray")
     ],
 }
@@ -214,7 +214,7 @@ def markdown(res: dict) -> str:
         base = next(r for r in ex if r["executor"] == "inprocess")["featurize_s"]
         lines += [
             "",
-            "Featurization of 20000 examples x 4 dropout members (bit-identical results):",
+            "Featurization of 60000 examples x 8 dropout members (bit-identical results; pool or Ray start counted):",
             "",
             "| executor | featurize s | speed-up vs in-process |",
             "|---|---|---|",

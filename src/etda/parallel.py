@@ -65,6 +65,11 @@ class Executor(ABC):
     def map(self, fn: Callable[[Any], Any], jobs: Sequence[Any]) -> Iterator[tuple[int, Any]]:
         """Yield ``(i, fn(jobs[i]))`` for every i, in completion order."""
 
+    def share(self, obj: Any) -> Any | None:
+        """A handle to ``obj`` that jobs can carry instead of a copy (``resolve`` it in the
+        job), or None where there is no shared object store (jobs then carry their data)."""
+        return None
+
     def close(self) -> None:  # noqa: B027  (a no-op default: InProcess holds nothing)
         """Release workers; the executor must not be used afterwards."""
 
@@ -256,6 +261,13 @@ class RayExecutor(Executor):
             for ref in refs:  # early exit or error: drop what has not finished
                 ray.cancel(ref)
 
+    def share(self, obj: Any) -> Any:
+        """Put ``obj`` into Ray's object store once (numpy arrays are read zero-copy)."""
+        self._start()
+        import ray
+
+        return ray.put(obj)
+
     def close(self) -> None:
         if self._owns_ray:
             import ray
@@ -266,6 +278,15 @@ class RayExecutor(Executor):
 
     def __repr__(self) -> str:
         return f"RayExecutor(address={self.address!r}, workers={self.workers})"
+
+
+def resolve(handle: Any) -> Any:
+    """The object behind a handle from ``Executor.share`` (anything else is returned as is)."""
+    if type(handle).__name__ == "ObjectRef":
+        import ray
+
+        return ray.get(handle)
+    return handle
 
 
 def get_executor(

@@ -12,9 +12,10 @@ result is bit-identical to featurizing in one process with one thread.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from etda.features.featurize import FeatureSpec, Featurizer
 from etda.features.store import SplitStore, _checksum
-from etda.parallel import default_workers, get_executor
+from etda.parallel import default_workers, get_executor, resolve
 from etda.task import Task
 
 if TYPE_CHECKING:
@@ -41,8 +42,8 @@ class ShardJob:
     spec: FeatureSpec
     probe: tuple[Tensor, Tensor]
     use_hooks: bool
-    x: Tensor  # rows [base, base + len(x)) of the split
-    y: Tensor
+    x: Any  # rows [base, base + len(x)) of the split, or a shared handle to all of it
+    y: Any
     base: int
     ranges: list[tuple[int, int]]  # absolute row ranges to compute (chunk boundaries)
     offset: int  # example-index offset (test examples have their own mask keys)
@@ -60,6 +61,7 @@ def featurize_shard(job: ShardJob) -> list[tuple[int, int, str]]:
 
     torch.set_num_threads(1)  # results must not depend on the worker's thread count
     model = job.model
+    x, y = _tensor(resolve(job.x)), _tensor(resolve(job.y))
     fz = Featurizer(model, job.task, job.params, job.spec, job.probe, job.use_hooks)
     st = SplitStore(job.folder, job.n, job.widths, job.dtype, job.storage)
     done = []
@@ -67,8 +69,8 @@ def featurize_shard(job: ShardJob) -> list[tuple[int, int, str]]:
         blocks = compute_rows(
             model,
             fz,
-            job.x,
-            job.y,
+            x,
+            y,
             lo - job.base,
             hi - job.base,
             job.offset + job.base,
@@ -79,6 +81,14 @@ def featurize_shard(job: ShardJob) -> list[tuple[int, int, str]]:
         st.write_encoded(lo, hi, arrays)
         done.append((lo, hi, _checksum([arrays[k] for k in st.widths], 0, hi - lo)))
     return done
+
+
+def _tensor(a: Any) -> Tensor:
+    if isinstance(a, Tensor):
+        return a
+    with warnings.catch_warnings():  # a zero-copy, read-only array: featurizing only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
 
 
 def _shards(ranges: list[tuple[int, int]], count: int) -> list[list[tuple[int, int]]]:
@@ -114,47 +124,50 @@ def featurize_parallel(
     from etda.cost import timer
 
     n_workers = workers or default_workers()
-    jobs: list[ShardJob] = []
-    stores: list[SplitStore] = []
-    seen: set[str] = set()
-    for i, member in enumerate(members):
-        if member.feature_key is not None:
-            if member.feature_key in seen:
-                continue
-            seen.add(member.feature_key)
-        tag = member_tag(i, member)
-        fz, meta = run.member_featurizer(member, member.model)
-        for split in ("train", "test"):
-            st, x, y, offset = run.open_split(fz, meta, tag, split)
-            ranges = list(st.missing(run.chunk_size))
-            count = 2 * n_workers if split == "train" else 1
-            for shard in _shards(ranges, count):
-                lo, hi = shard[0][0], shard[-1][1]
-                jobs.append(
-                    ShardJob(
-                        member.model,
-                        run.task,
-                        fz.params,
-                        run.spec(member),
-                        (run.x_train[:1], run.y_train[:1]),
-                        run.use_hooks,
-                        x[lo:hi],
-                        y[lo:hi],
-                        lo,
-                        shard,
-                        offset,
-                        run.torch_dtype,
-                        st.folder,
-                        st.n,
-                        st.widths,
-                        st.storage,
-                        f"{tag} {split}",
-                    )
-                )
-                stores.append(st)
-    if not jobs:
-        return 0
     with timer(costs, "featurize_train_s"), get_executor(executor, n_workers, address) as ex:
+        # With an object store (Ray) each split's inputs travel once, not once per job;
+        # shared lazily, so a complete store starts no workers at all.
+        shared: dict[str, tuple] = {}
+        jobs: list[ShardJob] = []
+        stores: list[SplitStore] = []
+        seen: set[str] = set()
+        for i, member in enumerate(members):
+            if member.feature_key is not None:
+                if member.feature_key in seen:
+                    continue
+                seen.add(member.feature_key)
+            tag = member_tag(i, member)
+            fz, meta = run.member_featurizer(member, member.model)
+            for split in ("train", "test"):
+                st, x, y, offset = run.open_split(fz, meta, tag, split)
+                ranges = list(st.missing(run.chunk_size))
+                count = 2 * n_workers if split == "train" else 1
+                for shard in _shards(ranges, count):
+                    lo, hi = shard[0][0], shard[-1][1]
+                    if split not in shared:
+                        shared[split] = (ex.share(x.numpy()), ex.share(y.numpy()))
+                    sx, sy = shared[split]
+                    data = (sx, sy, 0) if sx is not None else (x[lo:hi], y[lo:hi], lo)
+                    jobs.append(
+                        ShardJob(
+                            member.model,
+                            run.task,
+                            fz.params,
+                            run.spec(member),
+                            (run.x_train[:1], run.y_train[:1]),
+                            run.use_hooks,
+                            *data,
+                            shard,
+                            offset,
+                            run.torch_dtype,
+                            st.folder,
+                            st.n,
+                            st.widths,
+                            st.storage,
+                            f"{tag} {split}",
+                        )
+                    )
+                    stores.append(st)
         bar = tqdm(total=len(jobs), desc="featurize shards", disable=not run.progress)
         for pos, done in ex.map(featurize_shard, jobs):
             for lo, hi, cs in done:

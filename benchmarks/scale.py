@@ -214,7 +214,8 @@ def markdown(res: dict) -> str:
         base = next(r for r in ex if r["executor"] == "inprocess")["featurize_s"]
         lines += [
             "",
-            "Featurization of 60000 examples x 8 dropout members (bit-identical results; pool or Ray start counted):",
+            "Featurization of 60000 examples x 8 dropout members (bit-identical results; "
+            "pool or Ray start counted):",
             "",
             "| executor | featurize s | speed-up vs in-process |",
             "|---|---|---|",

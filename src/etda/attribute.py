@@ -314,8 +314,8 @@ def attribute(
     of core (``etda.outofcore``): features on disk, scores in blocks of training columns,
     written to ``scores_out`` (an ``.npy`` file, memory-mapped into ``Scores.values``) when
     they do not fit, with the ``top_k`` proponents/opponents per test example in
-    ``Scores.top_indices``. ``storage``: ``float32 | float16 | bfloat16`` precision of
-    stored features. ``executor``: ``inprocess | process | ray`` featurizes members and
+    ``Scores.topk`` (and ``Scores.top()``). ``storage``: ``float32 | float16 | bfloat16``
+    precision of stored features. ``executor``: ``inprocess | process | ray`` featurizes members and
     shards of the training set in parallel (``workers``; ``address`` joins a Ray cluster),
     with results identical to one process.
     """
@@ -476,8 +476,6 @@ def attribute(
         else:
             values = combiner.result().numpy()
     del factors
-    if tmp_store is not None and scores_out is None:
-        tmp_store.cleanup()
     config = {
         "method": m_obj.name,
         "method_options": m_obj.options(),

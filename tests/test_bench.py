@@ -141,6 +141,10 @@ def test_tiny_bench_end_to_end_and_resume(tmp_path, monkeypatch) -> None:
     )
     again = run_bench("digits-mlp", **kw)
     assert calls == [] and again["configs"] == res["configs"]
+    # the wall time of every run is kept, not overwritten by the resumed one
+    assert len(again["bench_runs_wall_s"]) == 2
+    assert again["bench_runs_wall_s"][0] == pytest.approx(res["bench_wall_s"])
+    assert again["bench_wall_s"] == pytest.approx(sum(again["bench_runs_wall_s"]))
     # A record from another setting fingerprint is stale: it is recomputed.
     data = json.loads((out / "results.json").read_text())
     data["configs"]["graddot/none/k1/m1"]["fingerprint"] = "0" * 64

@@ -374,8 +374,10 @@ def run_bench(
     fingerprint = setting.fingerprint()
     stamp = _stamp(fingerprint, lds_config)
     results = _fresh(setting, fingerprint, lds_config, sweep)
+    runs_s: list[float] = []  # wall seconds of every (resumed) run of this results file
     if (out / "results.json").exists():
         old = load_results(out)
+        runs_s = list(old.get("bench_runs_wall_s", []))
         for section in ("configs", "mislabel"):
             for key, rec in old.get(section, {}).items():
                 if _valid(rec, stamp):
@@ -495,7 +497,8 @@ def run_bench(
         else:
             log(f"variance {vc.key}: in results.json, skipped")
 
-    results["bench_wall_s"] = time.perf_counter() - t_start
+    results["bench_runs_wall_s"] = [*runs_s, time.perf_counter() - t_start]
+    results["bench_wall_s"] = sum(results["bench_runs_wall_s"])  # over resumed runs
     save_results(results, out)
     if report:
         from etda.report import write_report

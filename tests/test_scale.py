@@ -50,10 +50,17 @@ def attribute(**kw) -> etda.Scores:
 # ------------------------------------------------------------------- blocked scoring
 
 
-@pytest.mark.parametrize("method", ["trak", "if", "graddot", "gradcos"])
-@pytest.mark.parametrize("ensemble", [None, "dropout"])
+@pytest.mark.parametrize(
+    "method,ensemble",
+    [(m, e) for m in ("trak", "if", "graddot", "gradcos") for e in (None, "dropout")]
+    + [("trak", "forward-only")],
+)
 def test_blocked_scoring_equals_in_memory(method, ensemble, monkeypatch, tmp_path):
-    ens = etda.Dropout(members=3, seed=4) if ensemble else None
+    ens = {
+        None: None,
+        "dropout": etda.Dropout(members=3, seed=4),
+        "forward-only": etda.Dropout(members=3, seed=4, forward_only=True),
+    }[ensemble]
     dense = attribute(method=method, ensemble=ens, out_of_core=False)
     assert not dense.config["out_of_core"]
     # several blocks of training columns, and several streamed row blocks for the Gram

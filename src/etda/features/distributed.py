@@ -128,6 +128,8 @@ def featurize_parallel(
         # With an object store (Ray) each split's inputs travel once, not once per job;
         # shared lazily, so a complete store starts no workers at all.
         shared: dict[str, tuple] = {}
+        # A copy: a view would drag its whole storage (the training set) into every pickle.
+        probe = (run.x_train[:1].clone(), run.y_train[:1].clone())
         jobs: list[ShardJob] = []
         stores: list[SplitStore] = []
         seen: set[str] = set()
@@ -154,7 +156,7 @@ def featurize_parallel(
                             run.task,
                             fz.params,
                             run.spec(member),
-                            (run.x_train[:1], run.y_train[:1]),
+                            probe,
                             run.use_hooks,
                             *data,
                             shard,

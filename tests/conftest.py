@@ -14,3 +14,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _have_kjv() -> bool:
+    from etda.data.text import load_kjv
+
+    try:
+        load_kjv()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+needs_kjv = pytest.mark.skipif(
+    not _have_kjv(), reason="needs the bible-kjv package: apt-get install -y bible-kjv"
+)

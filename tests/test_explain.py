@@ -6,27 +6,14 @@ import dataclasses
 import functools
 
 import pytest
+from conftest import needs_kjv
 from typer.testing import CliRunner
 
 from etda.cli import app
-from etda.data.text import kjv, load_kjv
+from etda.data.text import kjv
 from etda.explain import explain, render_png, render_text
 from etda.settings import SETTINGS, Setting, get_setting
 from etda.train import TrainRecipe
-
-
-def _have_kjv() -> bool:
-    try:
-        load_kjv()
-    except FileNotFoundError:
-        return False
-    return True
-
-
-needs_kjv = pytest.mark.skipif(
-    not _have_kjv(), reason="needs the bible-kjv package: apt-get install -y bible-kjv"
-)
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,22 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import needs_kjv
 
 from etda.data import text as text_mod
 from etda.data.text import TextBundle, Vocabulary, kjv, load_kjv
 
-
-def _have_kjv() -> bool:
-    try:
-        load_kjv()
-    except FileNotFoundError:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(
-    not _have_kjv(), reason="needs the bible-kjv package: apt-get install -y bible-kjv"
-)
+pytestmark = needs_kjv
 
 
 @pytest.fixture(scope="module")

@@ -429,7 +429,7 @@ def attribute(
         costs.train_s += member.train_s
         if member.extra_weight_names:
             costs.weights_bytes += weights_bytes(member.model, member.extra_weight_names)
-        tag = member_tag(i, member)
+        tag = member_tag(i)
         if member.feature_key is not None and member.feature_key in shared:
             result = shared[member.feature_key]
         elif out_of_core:
@@ -512,7 +512,7 @@ def _dense_need(n_train: int, n_test: int, k: int) -> int:
     return 16 * n_train * k + 24 * n_train * n_test
 
 
-def member_tag(i: int, member: Member) -> str:
+def member_tag(i: int) -> str:
     """The store folder of member ``i`` (members sharing features use the first one's)."""
     return f"member-{i:03d}"
 

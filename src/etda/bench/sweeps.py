@@ -278,16 +278,10 @@ def _cnn_full() -> list[BenchConfig]:
     return out
 
 
-CNN_FULL = Sweep(
-    "full",
-    tuple(_cnn_full()),
-    mislabel=(
-        MislabelConfig("trak", "none", 1),
-        MislabelConfig("trak", "best-dropout", 1),
-        MislabelConfig("trak", "none", 1, dropout=0.0, epochs_factor=2, note="memorizes"),
-    ),
-    variance=VarianceConfig("trak", "dropout", 2, 3, predict_models=(1, 2, 5, 10)),
-)
+# Mislabel and variance runs as in the quick sweep (their records carry over between them).
+CNN_FULL = Sweep("full", tuple(_cnn_full()), mislabel=QUICK.mislabel, variance=QUICK.variance)
+
+_SK = {"proj_dim": 2048, "projection": "factored"}  # the sequence sweeps' featurizer
 
 
 def _kjv_full() -> list[BenchConfig]:
@@ -296,7 +290,7 @@ def _kjv_full() -> list[BenchConfig]:
     (k=2048): exact features of every token position would not fit two cores' budget."""
     out = []
     for method in ("trak", "gradcos"):
-        sk = {"proj_dim": 2048, "projection": "factored"}
+        sk = _SK
         out += [BenchConfig(method, "none", k, **sk) for k in (1, 5)]
         out += [BenchConfig(method, "dropout", 1, m, **sk) for m in (10, 20)]
         out += [BenchConfig(method, "lora", 1, m, **sk) for m in (4, 8)]
@@ -311,7 +305,6 @@ def _kjv_full() -> list[BenchConfig]:
 # seeds per subset halve that noise in the ground truth.
 KJV_FULL = Sweep("full", tuple(_kjv_full()), n_subsets=40, seeds_per_subset=2)
 
-_SK = {"proj_dim": 2048, "projection": "factored"}
 KJV_QUICK = Sweep(
     "quick",
     (

@@ -116,7 +116,3 @@ def sq_norms(a: Mapping[str, Tensor], dtype: torch.dtype = torch.float64) -> Ten
     if out is None:
         raise ValueError("no feature blocks")
     return out
-
-
-def nbytes(blocks: Mapping[str, Tensor]) -> int:
-    return int(sum(t.numel() * t.element_size() for t in map(torch.as_tensor, blocks.values())))

@@ -138,7 +138,7 @@ def featurize_parallel(
                 if member.feature_key in seen:
                     continue
                 seen.add(member.feature_key)
-            tag = member_tag(i, member)
+            tag = member_tag(i)
             fz, meta = run.member_featurizer(member, member.model)
             for split in ("train", "test"):
                 st, x, y, offset = run.open_split(fz, meta, tag, split)

@@ -257,10 +257,6 @@ class SplitStore:
             )
         )
 
-    def nbytes(self) -> int:
-        """Bytes of the stored blocks (storage precision)."""
-        return int(sum(self.n * w * self.np_dtypes[k].itemsize for k, w in self.widths.items()))
-
 
 def _checksum(arrays: list[np.ndarray], lo: int, hi: int) -> str:
     """Checksum of rows ``[lo, hi)`` of ``arrays`` (the bytes exactly as stored)."""

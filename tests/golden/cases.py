@@ -77,9 +77,7 @@ class Inputs:
 
     def _state(self, name: str) -> dict[str, Tensor]:
         return {
-            k: v
-            for k, v in self.tensors.items()
-            if k.startswith(name + ".") and ".ckpt" not in k
+            k: v for k, v in self.tensors.items() if k.startswith(name + ".") and ".ckpt" not in k
         }
 
     def checkpoint_states(self, name: str, count: int) -> list[dict[str, Tensor]]:
@@ -234,9 +232,7 @@ def cases() -> list[Case]:
     # Out of core, with top-k and low-precision storage.
     for method in ("graddot", "gradcos", "if", "trak"):
         for kind in ("independent", "dropout", "lora"):
-            out.append(
-                Case(f"{method}-{kind}-ooc", method, kind, (*P128, ("out_of_core", True)))
-            )
+            out.append(Case(f"{method}-{kind}-ooc", method, kind, (*P128, ("out_of_core", True))))
     out.append(
         Case("trak-hybrid-ooc-topk", "trak", "hybrid", (*P128, ("scores_out", "*"), ("top_k", 5)))
     )
@@ -260,9 +256,7 @@ def cases() -> list[Case]:
     # Local worker processes (features on disk), exact kernel and projected.
     for method in ("trak", "graddot"):
         for kind in ("independent", "dropout-per-example"):
-            out.append(
-                Case(f"{method}-{kind}-process", method, kind, (("executor", "process"),))
-            )
+            out.append(Case(f"{method}-{kind}-process", method, kind, (("executor", "process"),)))
         out.append(
             Case(
                 f"{method}-hybrid-process-p128",

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from etda.bench import FULL, QUICK, BenchConfig, MislabelConfig, Sweep, VarianceConfig, run_bench
 from etda.bench import runner as bench_runner
-from etda.bench.runner import dropout_status, resolve
+from etda.bench.runner import adapt
 from etda.cli import app
 from etda.evaluate.lds import LDSConfig
 from etda.settings import get_setting
@@ -77,14 +77,16 @@ def test_sweep_tables() -> None:
 
 
 def test_dropout_resolution() -> None:
-    assert dropout_status(get_setting("digits-mlp")) == "ok"
-    assert dropout_status(get_setting("digits-logreg")) == "none"
+    from etda.evaluate.mislabel import noisy_setting
+
+    mlp, logreg = get_setting("digits-mlp"), get_setting("digits-logreg")
     c = BenchConfig("trak", "dropout", 1, 10)
-    assert resolve(c, "ok") == (c, "")
-    run, why = resolve(c, "zero")
-    assert run.p == 0.1 and "p=0.1" in why
-    assert resolve(c, "none")[0] is None
-    assert resolve(BenchConfig("trak", "lora", 1, 4), "none")[0] is not None
+    assert adapt(mlp, c) == (c, "")
+    run, why = adapt(noisy_setting(mlp, 0.1, 0, dropout=0.0), c)  # trained without dropout
+    assert run.p == 0.1 and "p=0.1" in why and run.key == "trak/dropout/k1/m10/p0.1"
+    run, why = adapt(logreg, c)
+    assert run is None and "no dropout layers" in why
+    assert adapt(logreg, BenchConfig("trak", "lora", 1, 4))[0] is not None
 
 
 TINY = Sweep(

@@ -11,7 +11,9 @@ import torch
 from torch import Tensor, nn
 
 import etda
-from etda import outofcore
+from etda.engine import memory
+from etda.engine.memory import MemoryBudgetError, MemoryModel
+from etda.features.blocks import StreamedFeatures
 from etda.features.store import FeatureStore, from_storage, to_storage
 
 D64 = torch.float64
@@ -64,7 +66,8 @@ def test_blocked_scoring_equals_in_memory(method, ensemble, monkeypatch, tmp_pat
     dense = attribute(method=method, ensemble=ens, out_of_core=False)
     assert not dense.config["out_of_core"]
     # several blocks of training columns, and several streamed row blocks for the Gram
-    monkeypatch.setattr(outofcore, "plan_block", lambda *a, **k: 5)
+    monkeypatch.setattr(MemoryModel, "score_block", lambda *a, **k: 5)
+    monkeypatch.setattr(MemoryModel, "stream_rows", lambda *a, **k: 5)
     blocked = attribute(method=method, ensemble=ens, out_of_core=True, top_k=4)
     assert blocked.config["out_of_core"] and blocked.config["score_block"] == 5
     np.testing.assert_allclose(blocked.values, dense.values, rtol=1e-9, atol=1e-12)
@@ -96,11 +99,11 @@ def test_stream_block_size_does_not_change_gram(tmp_path):
     from etda.features.store import SplitStore
 
     st = SplitStore(train, N_TR, meta["widths"], D64)
-    full = outofcore.train_stats(st, N_TR)
+    full = StreamedFeatures(st, N_TR)
     for block in (1, 4, 36):
-        part = outofcore.train_stats(st, block)
-        np.testing.assert_allclose(part.gram, full.gram, rtol=1e-12)
-        np.testing.assert_allclose(part.sq_norms, full.sq_norms, rtol=1e-12)
+        part = StreamedFeatures(st, block)
+        np.testing.assert_allclose(part.gram(), full.gram(), rtol=1e-12)
+        np.testing.assert_allclose(part.sq_norms(), full.sq_norms(), rtol=1e-12)
         np.testing.assert_array_equal(part.q, full.q)
 
 
@@ -115,9 +118,9 @@ def test_saved_out_of_core_scores_round_trip(tmp_path):
 
 
 def test_budget_too_small_for_one_block_is_a_clear_error():
-    with pytest.raises(outofcore.MemoryBudgetError, match="cannot hold one block"):
-        outofcore.plan_block(
-            n_test=1000, widths=[2048], fixed=10**6, budget=2 * 10**6, n_train=60000
+    with pytest.raises(MemoryBudgetError, match="cannot hold one block"):
+        MemoryModel(budget=2 * 10**6).score_block(
+            n_test=1000, widths=[2048], fixed=10**6, n_train=60000
         )
     with pytest.raises(MemoryError, match="raise --max-memory|scores_out"):
         attribute(out_of_core=True, memory_budget="1MB")
@@ -144,12 +147,8 @@ def test_out_of_core_refuses_what_it_cannot_stream():
 
 def test_auto_goes_out_of_core_when_dense_scores_do_not_fit(monkeypatch):
     # a process holding 100 MB with a 105 MB budget: the dense path (10 MB) does not fit
-    import importlib
-
-    attribute_mod = importlib.import_module("etda.attribute")
-    monkeypatch.setattr(attribute_mod, "rss_bytes", lambda: 100 * 2**20)
-    monkeypatch.setattr(outofcore, "rss_bytes", lambda: 100 * 2**20)
-    monkeypatch.setattr(attribute_mod, "_dense_need", lambda *a: 10 * 2**20)
+    monkeypatch.setattr(memory, "rss_bytes", lambda: 100 * 2**20)
+    monkeypatch.setattr(MemoryModel, "dense_need", staticmethod(lambda *a: 10 * 2**20))
     s = attribute(memory_budget="105MB")
     assert s.config["out_of_core"]
     assert not attribute(memory_budget="2GB").config["out_of_core"]

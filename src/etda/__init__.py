@@ -5,11 +5,12 @@
 >>> scores.values.shape   # (n_test, n_train), positive = the training example helps
 """
 
-__version__ = "0.1.0"
-
-from etda.attribute import attribute  # noqa: E402
-from etda.cost import Costs  # noqa: E402
-from etda.ensemble import (  # noqa: E402
+from etda._version import __version__
+from etda.config import AttributeConfig
+from etda.cost import Costs
+from etda.engine import attribute, self_influence
+from etda.ensemble import (
+    ENSEMBLES,
     Checkpoints,
     Dropout,
     Ensemble,
@@ -17,29 +18,48 @@ from etda.ensemble import (  # noqa: E402
     LoRA,
     ProjectionSeeds,
 )
-from etda.features.featurize import FeatureSpec, NonFiniteError  # noqa: E402
-from etda.features.store import CorruptStoreError, FeatureStore, StaleStoreError  # noqa: E402
-from etda.methods import METHODS, get_method  # noqa: E402
-from etda.scores import Scores  # noqa: E402
-from etda.task import ClassificationTask, SequenceTask  # noqa: E402
+from etda.features.featurize import FeatureSpec, NonFiniteError
+from etda.features.store import CorruptStoreError, FeatureStore, StaleStoreError
+from etda.methods import (
+    METHODS,
+    Diagonal,
+    KernelTimesMeanQ,
+    Mean,
+    MemberContext,
+    MemberFactors,
+    Method,
+    get_method,
+)
+from etda.scores import Scores
+from etda.task import ClassificationTask, SequenceTask
 
 __all__ = [
+    "ENSEMBLES",
     "METHODS",
+    "AttributeConfig",
     "Checkpoints",
     "ClassificationTask",
     "CorruptStoreError",
     "Costs",
+    "Diagonal",
     "Dropout",
     "Ensemble",
     "FeatureSpec",
     "FeatureStore",
     "Independent",
+    "KernelTimesMeanQ",
     "LoRA",
+    "Mean",
+    "MemberContext",
+    "MemberFactors",
+    "Method",
     "NonFiniteError",
     "ProjectionSeeds",
     "Scores",
     "SequenceTask",
     "StaleStoreError",
+    "__version__",
     "attribute",
     "get_method",
+    "self_influence",
 ]

@@ -14,21 +14,20 @@ from rich.markup import escape
 from rich.table import Table
 
 from etda import __version__
-from etda.cost import human_bytes
+from etda.ensemble import ENSEMBLES
 from etda.experiment import (
-    DEFAULT_MEMBERS,
-    ENSEMBLES,
     PROJECTIONS,
     accuracy,
     build_ground_truth,
     damping_summary,
+    default_members,
     default_out_dir,
-    method_takes,
     parse_damping,
     run_attribution,
     set_threads,
 )
-from etda.methods import METHODS
+from etda.io import fmt_seconds, human_bytes, parse_seconds, parse_size
+from etda.methods import METHODS, method_takes
 from etda.parallel import EXECUTORS
 from etda.settings import SETTINGS
 
@@ -193,10 +192,8 @@ def _featurize_executor_cb(value: str | None) -> str | None:
 
 
 def _bytes_option(value: str, flag: str) -> int:
-    from etda.cost import parse_bytes
-
     try:
-        n = parse_bytes(value)
+        n = parse_size(value)
     except ValueError:
         n = 0
     if n <= 0:
@@ -235,14 +232,19 @@ def attribute(
             "-M",
             callback=_positive_cb,
             help="Members per model (M); checkpoints: checkpoints per run. Default: "
-            + ", ".join(f"{k} {v}" for k, v in DEFAULT_MEMBERS.items() if k != "none")
+            + ", ".join(f"{k} {p.default_members}" for k, p in ENSEMBLES.items() if k != "none")
             + ".",
         ),
     ] = None,
-    rank: Annotated[int, typer.Option(callback=_positive_cb, help="LoRA rank.")] = 8,
+    rank: Annotated[
+        int | None, typer.Option(callback=_positive_cb, help="LoRA rank (default 8).")
+    ] = None,
     lora_epochs: Annotated[
-        int, typer.Option(callback=_positive_cb, help="LoRA fine-tuning epochs per adapter.")
-    ] = 2,
+        int | None,
+        typer.Option(
+            callback=_positive_cb, help="LoRA fine-tuning epochs per adapter (default 2)."
+        ),
+    ] = None,
     p: Annotated[
         float | None,
         typer.Option("--p", help="Dropout-ensemble rate override (default: the model's rate)."),
@@ -718,10 +720,15 @@ def explain(
         typer.Option(callback=_damping_cb, help="TRAK/IF damping: auto | gcv | FLOAT | trace:C."),
     ] = None,
     p: Annotated[float | None, typer.Option("--p", help="Dropout-ensemble rate override.")] = None,
-    rank: Annotated[int, typer.Option(callback=_positive_cb, help="LoRA rank.")] = 8,
+    rank: Annotated[
+        int | None, typer.Option(callback=_positive_cb, help="LoRA rank (default 8).")
+    ] = None,
     lora_epochs: Annotated[
-        int, typer.Option(callback=_positive_cb, help="LoRA fine-tuning epochs per adapter.")
-    ] = 2,
+        int | None,
+        typer.Option(
+            callback=_positive_cb, help="LoRA fine-tuning epochs per adapter (default 2)."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of projections, masks, adapters, sampling.")] = 0,
     png: Annotated[
         Path | None,
@@ -764,7 +771,7 @@ def explain(
         )
         typer.echo(render_text(e))
         if e.test.text is None:  # an image setting
-            m = members if members is not None else DEFAULT_MEMBERS.get(ensemble, 1)
+            m = members if members is not None else default_members(ensemble)
             path = png or Path("runs/explain") / (
                 f"{setting}-test{test}-{method}-{ensemble}-k{models}-m{m}-s{seed}.png"
             )
@@ -775,8 +782,6 @@ def explain(
 # Also a self-contained addition: the budget planner over saved benchmark results.
 
 from collections.abc import Callable  # noqa: E402
-
-from etda.plan import parse_seconds, parse_size  # noqa: E402
 
 
 def _budget_cb(parse: Callable[[str], float]) -> Callable[[str | None], str | None]:
@@ -884,8 +889,8 @@ def plan(
             escape(c.features),
             f"{c.lds:.4f} ± {c.sem:.4f}",
             c.kind,
-            planner.fmt_seconds(c.train_s),
-            planner.fmt_seconds(c.serve_s),
+            fmt_seconds(c.train_s),
+            fmt_seconds(c.serve_s),
             human_bytes(c.bytes),
             style="bold green" if i == 1 else None,
         )

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
+from etda.io import human_bytes
+
 
 @dataclass
 class Costs:
@@ -84,22 +86,3 @@ def forward_flops(model: nn.Module, x: torch.Tensor) -> float:
         return float(counter.get_total_flops())
     except Exception:  # noqa: BLE001 - counting is best effort, never fatal
         return 0.0
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
-def parse_bytes(s: str | int) -> int:
-    """``"2GB"`` -> 2 * 1024**3."""
-    if isinstance(s, int):
-        return s
-    t = s.strip().upper().replace("IB", "B")
-    for unit, mult in (("TB", 1024**4), ("GB", 1024**3), ("MB", 1024**2), ("KB", 1024), ("B", 1)):
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * mult)
-    return int(float(t))

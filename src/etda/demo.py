@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from etda.cost import human_bytes
+from etda.io import human_bytes
 
 
 def demo(

@@ -7,7 +7,6 @@ method x ensemble, and optionally scores the result with LDS against a cached gr
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import time
@@ -19,10 +18,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from etda.attribute import attribute
-from etda.ensemble import Checkpoints, Dropout, Ensemble, Independent, LoRA, ProjectionSeeds
+from etda.compat import check, needs_checkpoints
+from etda.engine import attribute
+from etda.ensemble import ENSEMBLES, Ensemble
+from etda.ensemble import make_ensemble as make_preset
 from etda.features.featurize import PROJECTIONS as _PROJECTIONS
-from etda.methods import METHODS
+from etda.methods import METHODS, Method, get_method, method_takes
 from etda.scores import Scores
 from etda.settings import Setting, get_setting
 from etda.zoo import TrainedModel, trained_models
@@ -32,33 +33,6 @@ if TYPE_CHECKING:  # etda.evaluate is imported lazily: LDS is optional for a run
 
 PROJECTIONS = ("auto", *_PROJECTIONS)
 
-ENSEMBLES: dict[str, str] = {
-    "none": "one member per trained model (the naive independent ensemble)",
-    "dropout": "fixed dropout sub-networks: one seeded mask per member, shared by all examples",
-    "dropout-per-example": "MC dropout: seeded masks per member and per example",
-    "dropout-forward": "TRAK only: gradients of the unmasked model, masks only in the Q term",
-    "lora": "LoRA adapters fine-tuned from each trained model",
-    "projection-seeds": "the same model with different projection seeds (a baseline)",
-    "checkpoints": "checkpoints of one training run, evenly spaced over its epochs",
-}
-
-# Members per trained model when none are asked for (checkpoints: checkpoints per run).
-DEFAULT_MEMBERS: dict[str, int] = {
-    "none": 1,
-    "dropout": 10,
-    "dropout-per-example": 10,
-    "dropout-forward": 10,
-    "lora": 8,
-    "projection-seeds": 10,
-    "checkpoints": 5,
-}
-
-_DROPOUT_MODES = {
-    "dropout": ("fixed", False),
-    "dropout-per-example": ("per-example", False),
-    "dropout-forward": ("fixed", True),
-}
-
 
 def _positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -66,58 +40,33 @@ def _positive_int(value: object, name: str) -> int:
     return value
 
 
+def default_members(kind: str) -> int:
+    """Members per trained model of preset ``kind`` when none are asked for."""
+    return ENSEMBLES.get_entry(kind).default_members
+
+
 def make_ensemble(
     kind: str,
     members: int | None = None,
     *,
     p: float | None = None,
-    rank: int = 8,
-    lora_epochs: int = 2,
+    rank: int | None = None,
+    lora_epochs: int | None = None,
     seed: int | None = None,
 ) -> Ensemble:
-    """The ensemble object for ``kind`` (a key of ``ENSEMBLES``).
-
-    ``members``: members per trained model (default ``DEFAULT_MEMBERS[kind]``); for
-    ``"checkpoints"`` it is the number of checkpoints per run, which ``run_attribution``
-    uses to choose the checkpoint epochs (the object itself takes the checkpoints as models).
-    ``p``: dropout-rate override (dropout kinds only); ``rank``/``lora_epochs``: LoRA only.
+    """The ensemble of preset ``kind`` (a key of ``etda.ENSEMBLES``) from command-line style
+    options (``None``: the preset's default). ``members``: members per trained model; for
+    ``"checkpoints"`` the number of checkpoints per run, which ``run_attribution`` uses to
+    choose the checkpoint epochs. ``p``: dropout-rate override; ``rank``/``lora_epochs``: LoRA.
     """
-    if kind not in ENSEMBLES:
-        raise ValueError(f"unknown ensemble {kind!r}; choose from {', '.join(ENSEMBLES)}")
-    members = DEFAULT_MEMBERS[kind] if members is None else _positive_int(members, "members")
-    if p is not None:
-        if kind not in _DROPOUT_MODES:
-            raise ValueError(f"the dropout rate p applies to dropout ensembles, not {kind!r}")
-        if not 0.0 < p < 1.0:
-            raise ValueError(f"dropout rate p must be in (0, 1), got {p}")
-    if kind == "none":
-        if members != 1:
-            raise ValueError(
-                f"ensemble 'none' has exactly one member per trained model (got members="
-                f"{members}); train more models instead, or choose a cheap ensemble"
-            )
-        return Independent(seed)
-    if kind == "checkpoints":
-        return Checkpoints(seed)
-    if kind == "projection-seeds":
-        return ProjectionSeeds(members, seed=seed)
-    if kind == "lora":
-        return LoRA(members, rank=rank, epochs=lora_epochs, seed=seed)
-    mode, forward_only = _DROPOUT_MODES[kind]
-    return Dropout(members, mode=mode, p=p, forward_only=forward_only, seed=seed)
+    if members is not None:
+        _positive_int(members, "members")
+    return make_preset(kind, members=members, p=p, rank=rank, epochs=lora_epochs, seed=seed)
 
 
 def ensemble_kind(ensemble: Ensemble | None) -> str:
-    """The ``ENSEMBLES`` key describing an ensemble object (``None``: ``"none"``)."""
-    if ensemble is None or type(ensemble) is Independent:
-        return "none"
-    if isinstance(ensemble, Checkpoints):
-        return "checkpoints"
-    if isinstance(ensemble, Dropout):
-        if ensemble.forward_only:
-            return "dropout-forward"
-        return "dropout-per-example" if ensemble.mode == "per-example" else "dropout"
-    return ensemble.name
+    """The preset name describing an ensemble object (``None``: ``"none"``)."""
+    return "none" if ensemble is None else ensemble.kind
 
 
 def checkpoint_schedule(epochs: int, n: int) -> list[int]:
@@ -152,11 +101,6 @@ def parse_damping(value: str | float | None) -> float | str | None:
             f"damping must be 'auto', 'gcv', 'trace:C' or a number >= 0, got {text!r}"
         ) from None
     return parse_damping(lam)
-
-
-def method_takes(method: str, option: str) -> bool:
-    """Whether method ``method`` (a ``METHODS`` key) accepts keyword ``option``."""
-    return option in inspect.signature(METHODS[method].__init__).parameters
 
 
 def set_threads(threads: int | None) -> None:
@@ -236,29 +180,36 @@ def _state_bytes(states: list[dict[str, torch.Tensor]]) -> int:
 
 def prepare_models(
     setting: Setting,
-    method: str,
-    kind: str,
+    method: str | Method,
+    kind: str | Ensemble,
     k_models: int,
     n_checkpoints: int,
     model_dir: str | os.PathLike = "runs/models",
     first_seed: int = 0,
     progress: bool = True,
 ) -> tuple[list[TrainedModel], list[nn.Module], dict[str, Any]]:
-    """Trained (cached) models an attribution needs, the modules to attribute and TracIn's
-    ``checkpoints``/``checkpoint_lrs`` arguments (empty unless TracIn on full models)."""
-    needs_checkpoints = kind == "checkpoints" or (method == "tracin" and kind != "lora")
-    epochs = checkpoint_schedule(setting.recipe.epochs, n_checkpoints) if needs_checkpoints else []
+    """Trained (cached) models an attribution needs, the modules to attribute and the
+    ``checkpoints``/``checkpoint_lrs`` arguments of a method that needs checkpoints (empty
+    unless the method needs them and the ensemble's members bring none)."""
+    m = get_method(method) if isinstance(method, str) else method
+    ens = make_preset(kind) if isinstance(kind, str) else kind
+    give_checkpoints = needs_checkpoints(m, ens)
+    take = give_checkpoints or ens.members_are_checkpoints
+    epochs = checkpoint_schedule(setting.recipe.epochs, n_checkpoints) if take else []
     tms = trained_models(
         setting, k_models, model_dir, first_seed, checkpoint_epochs=epochs, progress=progress
     )
-    models = _checkpoint_models(setting, tms) if kind == "checkpoints" else [tm.model for tm in tms]
-    tracin_kw: dict[str, Any] = {}
-    if method == "tracin" and kind != "lora":
-        tracin_kw = {
+    if ens.members_are_checkpoints:
+        models = _checkpoint_models(setting, tms)
+    else:
+        models = [tm.model for tm in tms]
+    checkpoint_kw: dict[str, Any] = {}
+    if give_checkpoints:
+        checkpoint_kw = {
             "checkpoints": [tm.checkpoints for tm in tms],
             "checkpoint_lrs": tms[0].checkpoint_lrs,
         }
-    return tms, models, tracin_kw
+    return tms, models, checkpoint_kw
 
 
 def run_attribution(
@@ -269,8 +220,8 @@ def run_attribution(
     *,
     members: int | None = None,
     p: float | None = None,
-    rank: int = 8,
-    lora_epochs: int = 2,
+    rank: int | None = None,
+    lora_epochs: int | None = None,
     n_checkpoints: int = 5,
     proj_dim: int | None = None,
     projection: str = "auto",
@@ -320,38 +271,25 @@ def run_attribution(
         options["damping"] = damping
 
     if isinstance(ensemble, str) or ensemble is None:
-        kind = ensemble or "none"
-        ens = make_ensemble(kind, members, p=p, rank=rank, lora_epochs=lora_epochs)
-        n_ckpt = (members or DEFAULT_MEMBERS[kind]) if kind == "checkpoints" else n_checkpoints
+        ens = make_ensemble(ensemble or "none", members, p=p, rank=rank, lora_epochs=lora_epochs)
     else:
-        ens, kind, n_ckpt = ensemble, ensemble_kind(ensemble), n_checkpoints
-    if method == "tracin" and kind == "checkpoints":
-        raise ValueError(
-            "TracIn already sums over the checkpoints of each run; use it with another "
-            "ensemble (e.g. 'none'), or use the checkpoints ensemble with another method"
-        )
-    if kind == "dropout-forward" and method != "trak":
-        raise ValueError(
-            "ensemble 'dropout-forward' changes only TRAK's Q term; with method "
-            f"{method!r} it would equal a single model: use 'dropout' instead"
-        )
-
-    if isinstance(ens, Dropout) and not any(
-        isinstance(m, nn.Dropout) for m in setting.make_model(first_seed).modules()
-    ):  # fail before training, not after
-        raise ValueError(
-            f"setting {setting.name!r} (model {setting.model_name!r}) has no dropout layers to "
-            "mask; choose another ensemble, e.g. 'lora' or 'projection-seeds'"
-        )
-    tms, models, tracin_kw = prepare_models(
-        setting, method, kind, k_models, n_ckpt, model_dir, first_seed, progress
+        ens = ensemble
+    kind = ens.kind
+    # checkpoints per run: the checkpoint ensemble's size, else what the method reads
+    n_ckpt = getattr(ens, "n_members", n_checkpoints) if ens.members_are_checkpoints else None
+    n_ckpt = n_ckpt or n_checkpoints
+    method_obj = get_method(method, **options)
+    check(method_obj, ens, checkpoints=[])  # fail before training, not after
+    ens.for_model(setting.make_model(first_seed))
+    tms, models, checkpoint_kw = prepare_models(
+        setting, method_obj, ens, k_models, n_ckpt, model_dir, first_seed, progress
     )
     data = setting.data()
     scores = attribute(
         models,
         train=(data.x_train, data.y_train),
         test=(data.x_test, data.y_test),
-        method=method,
+        method=method_obj,
         ensemble=ens,
         proj_dim=proj_dim,
         projection=projection,
@@ -359,12 +297,11 @@ def run_attribution(
         store=store,
         progress=progress,
         train_seconds=sum(tm.seconds for tm in tms),
-        **tracin_kw,
+        **checkpoint_kw,
         **dict(attribute_options or {}),
-        **options,
     )
-    if tracin_kw:
-        # TracIn keeps its checkpoints: they are part of the space it needs.
+    if checkpoint_kw:
+        # A method that reads checkpoints keeps them: they are part of the space it needs.
         extra = sum(_state_bytes(tm.checkpoints) for tm in tms)
         scores.costs.weights_bytes += extra
         scores.config["tracin_checkpoint_bytes"] = extra
@@ -401,7 +338,7 @@ def default_out_dir(
     setting: str, method: str, ensemble: str, k_models: int, members: int | None, seed: int
 ) -> Path:
     """``runs/attribute/<setting>-<method>-<ensemble>-k<K>-m<M>-s<seed>``."""
-    m = DEFAULT_MEMBERS.get(ensemble, 1) if members is None else members
+    m = (default_members(ensemble) if ensemble in ENSEMBLES else 1) if members is None else members
     return Path("runs/attribute") / f"{setting}-{method}-{ensemble}-k{k_models}-m{m}-s{seed}"
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from etda.attribute import attribute
+from etda.engine import attribute
 from etda.scores import Scores
 from etda.settings import Setting, get_setting
 
@@ -78,19 +78,23 @@ def _models(
     k_models: int,
     members: int | None,
     model_dir: str | os.PathLike,
+    method_options: dict[str, Any],
     **ensemble_options: Any,
-) -> tuple[list, list, Any, dict[str, Any]]:
-    """Trained models (cached), the ensemble object and TracIn's checkpoint arguments."""
-    from etda.experiment import DEFAULT_MEMBERS, make_ensemble, prepare_models
+) -> tuple[list, list, Any, Any, dict[str, Any]]:
+    """Trained models (cached), the method and ensemble objects, and the checkpoint
+    arguments of a method that reads checkpoints."""
+    from etda.compat import check
+    from etda.experiment import default_members, make_ensemble, prepare_models
+    from etda.methods import get_method
 
-    if method == "tracin" and kind == "checkpoints":
-        raise ValueError("TracIn already sums over checkpoints; use another ensemble")
+    m = get_method(method, **method_options)
     ens = make_ensemble(kind, members, **ensemble_options)
-    n_ckpt = (members or DEFAULT_MEMBERS[kind]) if kind == "checkpoints" else 5
-    tms, models, tracin = prepare_models(
-        setting, method, kind, k_models, n_ckpt, model_dir, 0, progress=False
+    check(m, ens, checkpoints=[])
+    n_ckpt = (members or default_members(kind)) if ens.members_are_checkpoints else 5
+    tms, models, checkpoint_kw = prepare_models(
+        setting, m, ens, k_models, n_ckpt, model_dir, 0, progress=False
     )
-    return tms, models, ens, tracin
+    return tms, models, m, ens, checkpoint_kw
 
 
 def generate_text(
@@ -125,8 +129,8 @@ def explain(
     proj_dim: int | None = None,
     damping: float | str | None = None,
     p: float | None = None,
-    rank: int = 8,
-    lora_epochs: int = 2,
+    rank: int | None = None,
+    lora_epochs: int | None = None,
     seed: int = 0,
     model_dir: str | os.PathLike = "runs/models",
     progress: bool = False,
@@ -150,13 +154,17 @@ def explain(
             f"--prompt generates text: setting {setting.name!r} is not a sequence setting "
             "(try kjv-transformer)"
         )
-    tms, models, ens, tracin = _models(
+    options: dict[str, Any] = {}
+    if parse_damping(damping) is not None:
+        options["damping"] = parse_damping(damping)
+    tms, models, method_obj, ens, checkpoint_kw = _models(
         setting,
         method,
         ensemble,
         k_models,
         members,
         model_dir,
+        options,
         p=p,
         rank=rank,
         lora_epochs=lora_epochs,
@@ -188,14 +196,11 @@ def explain(
         )
     if sequence and projection == "auto" and proj_dim is None:
         projection, proj_dim = "factored", SEQUENCE_PROJ_DIM
-    options: dict[str, Any] = {}
-    if parse_damping(damping) is not None:
-        options["damping"] = parse_damping(damping)
     scores = attribute(
         models,
         train=(data.x_train, data.y_train),
         test=(x_test, y_test),
-        method=method,
+        method=method_obj,
         ensemble=ens,
         task=setting.make_task(),
         projection=projection,
@@ -203,8 +208,7 @@ def explain(
         seed=seed,
         progress=progress,
         train_seconds=sum(t.seconds for t in tms),
-        **tracin,
-        **options,
+        **checkpoint_kw,
     )
     f = float(setting.output(tms[0].model, x_test, y_test)[0])
     row = scores.top(top_k)[0]

@@ -27,7 +27,7 @@ budget (``None``: unconstrained); ties go to the cheaper training, then serving,
 :meth:`Plan.explain` says why, which figures are measured and which predicted (from what),
 and how the choice compares with the best naive ensemble within the budgets.
 
-Bytes use the units of :mod:`etda.cost` (``human_bytes``/``parse_bytes``): KB = 1024 B,
+Bytes use the units of :mod:`etda.io` (``human_bytes``/``parse_size``): KB = 1024 B,
 MB = 1024**2 B, ...
 """
 
@@ -35,90 +35,19 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from etda.cost import human_bytes
+from etda.ensemble import ENSEMBLES
+from etda.io import fmt_seconds, human_bytes, parse_seconds, parse_size  # noqa: F401
 
 CLIP_MARGIN = 0.01  # a predicted LDS never exceeds its family's best measured LDS by more
 MAX_EXTRAPOLATION = 2.0  # predicted sizes reach at most this factor x the largest measured
 M_GRID = (2, 3, 4, 5, 6, 8, 10, 12, 15, 16, 20, 25, 30, 32, 40, 50, 64, 75, 80, 100, 128, 150)
 BUDGETS = ("train", "serve", "space")
-ADAPTER_KINDS = ("lora",)  # kinds whose members are fine-tuned: they cost training
-
-# ------------------------------------------------------------------------ budget strings
-
-_NUMBER = r"([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
-_SECONDS = {
-    "": 1.0,
-    "s": 1.0,
-    "sec": 1.0,
-    "secs": 1.0,
-    "second": 1.0,
-    "seconds": 1.0,
-    "ms": 1e-3,
-    "m": 60.0,
-    "min": 60.0,
-    "mins": 60.0,
-    "minute": 60.0,
-    "minutes": 60.0,
-    "h": 3600.0,
-    "hr": 3600.0,
-    "hrs": 3600.0,
-    "hour": 3600.0,
-    "hours": 3600.0,
-}
-# Binary multiples, as etda.cost.human_bytes prints them and etda.cost.parse_bytes reads
-# them ("27.9 MB" in a report is 27.9 * 2**20 bytes); "MiB" etc. mean the same.
-_BYTES = {
-    "": 1,
-    "b": 1,
-    "kb": 2**10,
-    "mb": 2**20,
-    "gb": 2**30,
-    "tb": 2**40,
-    "k": 2**10,
-    "m": 2**20,
-    "g": 2**30,
-    "t": 2**40,
-}
-
-
-def _parse(text: str | float, units: dict, what: str, example: str) -> float:
-    if isinstance(text, int | float) and not isinstance(text, bool):
-        value = float(text)
-    else:
-        m = re.fullmatch(_NUMBER + r"\s*([A-Za-z]*)", str(text).strip())
-        unit = m.group(2).lower() if m else ""
-        if what == "size":
-            unit = unit.replace("ib", "b")
-        if m is None or unit not in units:
-            raise ValueError(f"cannot read {what} {text!r}; write e.g. {example}")
-        value = float(m.group(1)) * units[unit]
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{what} budget must be a positive finite amount, got {text!r}")
-    return value
-
-
-def parse_seconds(text: str | float) -> float:
-    """``"60s"``, ``"90"`` (seconds), ``"500ms"``, ``"5m"``, ``"1.5h"`` -> seconds."""
-    return _parse(text, _SECONDS, "duration", "60s, 90, 5m or 1.5h")
-
-
-def parse_size(text: str | float) -> float:
-    """``"500MB"``, ``"2GB"``, ``"800KB"``, ``"1e9"`` (bytes) -> bytes (binary units, as
-    :func:`etda.cost.human_bytes` prints them: 1 MB = 1024**2 bytes)."""
-    return _parse(text, _BYTES, "size", "500MB, 2GB, 800KB or 1e9")
-
-
-def fmt_seconds(s: float) -> str:
-    """``3.18 s``, ``26.1 s``, ``1234 s``."""
-    return f"{s:.2f} s" if s < 10 else f"{s:.1f} s" if s < 1000 else f"{s:.0f} s"
-
 
 # ------------------------------------------------------------------------- data types
 
@@ -512,7 +441,8 @@ def _cost_fit(family: str, rows: list[dict], naive: CostFit | None) -> CostFit:
     k = np.array([r["models"] for r in rows], np.float64)
     n = k * np.array([r["m"] for r in rows], np.float64)
     train = np.array([r["costs"]["train_s"] for r in rows], np.float64)
-    adapters = rows[0]["ensemble"] in ADAPTER_KINDS
+    kind = rows[0]["ensemble"]
+    adapters = kind in ENSEMBLES and ENSEMBLES[kind].cls.trains_members
     if not adapters:
         t_model, t_member = float(np.sum(k * train) / np.sum(k * k)), 0.0
     elif all("model_train_s" in r for r in rows):

@@ -9,7 +9,6 @@ targets ``(B, ...)`` to a vector ``(B,)``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -99,6 +98,11 @@ class SequenceTask:
 Task = ClassificationTask | SequenceTask
 
 
+def default_task(y: Tensor) -> Task:
+    """Classification for labels ``(B,)``, the sequence task for targets ``(B, T)``."""
+    return SequenceTask() if y.ndim == 2 else ClassificationTask()
+
+
 def select_parameters(model: nn.Module, params: ParamSelector = "all") -> list[str]:
     """Names of the attributed parameters of ``model``.
 
@@ -123,13 +127,3 @@ def select_parameters(model: nn.Module, params: ParamSelector = "all") -> list[s
     if not chosen:
         raise ValueError("no parameters selected for attribution")
     return chosen
-
-
-@dataclass(frozen=True)
-class Batch:
-    """A chunk of examples: inputs ``x (B, ...)``, targets ``y (B, ...)`` and their
-    positions ``index (B,)`` in the full dataset (used to seed per-example masks)."""
-
-    x: Tensor
-    y: Tensor
-    index: Tensor

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from etda import __version__
-from etda.evaluate.lds import _torch_threads
+from etda.parallel import torch_threads
 from etda.settings import Setting
 from etda.train import load_weights, save_weights
 
@@ -213,7 +213,7 @@ def _train_and_save(
 ) -> TrainedModel:
     # One thread, like the LDS retraining jobs: a seed then gives bitwise identical weights
     # whatever thread count the caller uses (matmul summation order depends on threads).
-    with _torch_threads(1):
+    with torch_threads(1):
         result = setting.train(seed, checkpoint_epochs=train_epochs)
     folder.mkdir(parents=True, exist_ok=True)
     weights = _weights_path(folder, seed)

@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from etda import __version__
 from etda.bench.sweeps import BenchConfig, MislabelConfig, Sweep, VarianceConfig, get_sweep
@@ -123,30 +122,21 @@ def _valid(rec: dict, stamp: dict) -> bool:
     return all(rec.get(k) == v for k, v in stamp.items())
 
 
-# ------------------------------------------------------------------------- dropout
+# ------------------------------------------------------------------------- adapting
 
 
-def dropout_status(setting: Setting) -> str:
-    """``"ok"`` (dropout layers with p > 0), ``"zero"`` (layers with p = 0: a rate override
-    is needed) or ``"none"`` (no nn.Dropout layer: dropout ensembles cannot run)."""
-    rates = [m.p for m in setting.make_model(0).modules() if isinstance(m, nn.Dropout)]
-    if not rates:
-        return "none"
-    return "ok" if max(rates) > 0 else "zero"
-
-
-OVERRIDE_P = 0.1  # dropout-ensemble rate for models trained without dropout
-
-
-def resolve(config: BenchConfig, status: str) -> tuple[BenchConfig | None, str]:
-    """The configuration to run on a setting with dropout ``status`` (or None and why not)."""
-    if not config.ensemble.startswith("dropout"):
-        return config, ""
-    if status == "none":
-        return None, "the model has no nn.Dropout layer to mask"
-    if status == "zero" and config.p is None:
-        return replace(config, p=OVERRIDE_P), f"trained without dropout: masks use p={OVERRIDE_P}"
-    return config, ""
+def adapt(setting: Setting, config: BenchConfig) -> tuple[BenchConfig | None, str]:
+    """The configuration to run on ``setting`` (or None and why not): the ensemble adjusted
+    to the setting's model where it has a sensible default (``Ensemble.for_model``), e.g. a
+    dropout rate for a model trained without dropout."""
+    try:
+        ens, note = config.make_ensemble().for_model(setting.make_model(0), adapt=True)
+    except ValueError as exc:
+        return None, str(exc)
+    p = getattr(ens, "p", None)
+    if p != config.p:
+        config = replace(config, p=p)
+    return config, note
 
 
 # ----------------------------------------------------------------------------- runner
@@ -159,16 +149,19 @@ def prefetch_checkpoints(
     checkpoint the sweep asks for, once: the zoo retrains a cached model that lacks a
     requested checkpoint, which would otherwise change its recorded training seconds (and so
     the train cost of configurations that use it) in the middle of a sweep."""
+    from etda.compat import needs_checkpoints
     from etda.experiment import checkpoint_schedule
+    from etda.methods import get_method
     from etda.zoo import trained_models
 
     epochs: set[int] = set()
     count = 0
     for c in configs:
-        if c.ensemble == "checkpoints":
+        ens = c.make_ensemble()
+        if ens.members_are_checkpoints:
             epochs |= set(checkpoint_schedule(setting.recipe.epochs, c.m))
             count = max(count, c.models)
-        elif c.method == "tracin" and c.ensemble != "lora":
+        elif needs_checkpoints(get_method(c.method), ens):
             epochs |= set(checkpoint_schedule(setting.recipe.epochs, 5))
             count = max(count, c.models)
     if count:
@@ -194,6 +187,7 @@ def run_config(
         p=config.p,
         rank=config.rank,
         lora_epochs=config.lora_epochs,
+        n_checkpoints=5,
         proj_dim=config.proj_dim,
         projection=config.projection,
         damping=config.damping,
@@ -241,7 +235,7 @@ def _best_dropout(results: dict, method: str) -> dict | None:
 
 
 def run_mislabel_config(
-    setting: Setting, mc: MislabelConfig, results: dict, status: str, model_dir: Any
+    setting: Setting, mc: MislabelConfig, results: dict, model_dir: Any
 ) -> tuple[dict | None, str]:
     from etda.evaluate.mislabel import run_mislabel
 
@@ -251,12 +245,15 @@ def run_mislabel_config(
         if best is None:
             return None, f"no dropout configuration of {mc.method} in the results"
         ensemble, members, p = best["ensemble"], best["m"], best["p"]
-    if ensemble.startswith("dropout"):
-        model_p = mc.dropout if mc.dropout is not None else None
-        if status == "none":
-            return None, "the model has no nn.Dropout layer to mask"
-        if (status == "zero" or model_p == 0.0) and p is None:
-            p = OVERRIDE_P
+    from etda.evaluate.mislabel import noisy_setting
+    from etda.experiment import make_ensemble
+
+    model = noisy_setting(setting, mc.fraction, mc.seed, mc.dropout).make_model(0)
+    try:
+        ens, _ = make_ensemble(ensemble, members, p=p).for_model(model, adapt=True)
+    except ValueError as exc:
+        return None, str(exc)
+    p = getattr(ens, "p", p)
     epochs = setting.recipe.epochs * mc.epochs_factor if mc.epochs_factor else None
     rep = run_mislabel(
         setting,
@@ -286,7 +283,6 @@ def run_variance(
     setting: Setting,
     vc: VarianceConfig,
     gt: GroundTruth,
-    status: str,
     model_dir: Any,
     progress: bool = False,
 ) -> tuple[dict | None, str]:
@@ -296,11 +292,11 @@ def run_variance(
     from etda.zoo import trained_models
 
     kind, p = vc.ensemble, None
-    if kind.startswith("dropout"):
-        if status == "none":
-            kind = "lora"  # no dropout layer: the adapters are the cheap members
-        elif status == "zero":
-            p = OVERRIDE_P
+    try:
+        ens, _ = make_ensemble(kind, vc.members).for_model(setting.make_model(0), adapt=True)
+        p = getattr(ens, "p", None)
+    except ValueError:
+        kind = "lora"  # members cannot be made from this model: the adapters are the cheap ones
     t0 = time.perf_counter()
     tms = trained_models(setting, vc.models, model_dir, progress=progress)
     ens = make_ensemble(kind, vc.members, p=p)
@@ -417,12 +413,11 @@ def run_bench(
     )
     save_results(results, out)
 
-    status = dropout_status(setting)
     todo = tuple(c for c in sweep.configs if force or c.key not in results["configs"])
     prefetch_checkpoints(setting, todo, model_dir)
     for i, config in enumerate(sweep.configs, 1):
         key = config.key
-        run, why = resolve(config, status)
+        run, why = adapt(setting, config)
         head = f"[{i}/{len(sweep.configs)}] {config.method} {config.label}"
         if run is None:
             results["skipped"][key] = why
@@ -458,7 +453,7 @@ def run_bench(
                 log(f"mislabel {key}: in results.json, skipped")
                 continue
             try:
-                rep, why = run_mislabel_config(setting, mc, results, status, model_dir)
+                rep, why = run_mislabel_config(setting, mc, results, model_dir)
             except Exception as exc:  # noqa: BLE001
                 results["failed"][f"mislabel:{key}"] = f"{type(exc).__name__}: {exc}"
                 log(f"mislabel {key}: FAILED {type(exc).__name__}: {exc}")
@@ -482,7 +477,7 @@ def run_bench(
     if variance and vc is not None:
         if force or results["variance"] is None or results["variance"].get("key") != vc.key:
             try:
-                table, _ = run_variance(setting, vc, gt, status, model_dir, progress)
+                table, _ = run_variance(setting, vc, gt, model_dir, progress)
                 table.update(stamp)
                 results["variance"] = table
                 st = table["stats"]

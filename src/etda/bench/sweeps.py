@@ -10,18 +10,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from etda.experiment import DEFAULT_MEMBERS, ENSEMBLES
+from etda.ensemble import ENSEMBLES, Ensemble
+from etda.experiment import make_ensemble
 from etda.methods import METHODS
-
-SHORT = {
-    "none": "naive",
-    "dropout": "dropout",
-    "dropout-per-example": "dropout/ex",
-    "dropout-forward": "dropout-fwd",
-    "lora": "LoRA",
-    "projection-seeds": "proj-seeds",
-    "checkpoints": "checkpoints",
-}
 
 
 @dataclass(frozen=True)
@@ -41,19 +32,26 @@ class BenchConfig:
     projection: str = "auto"
     damping: str | None = None
     p: float | None = None
-    rank: int = 8
-    lora_epochs: int = 2
+    rank: int | None = None
+    lora_epochs: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {sorted(METHODS)}")
-        if self.ensemble not in ENSEMBLES:
-            raise ValueError(f"unknown ensemble {self.ensemble!r}; choose from {list(ENSEMBLES)}")
+        self.make_ensemble()  # unknown kinds and options fail here, not in the middle of a sweep
+
+    def make_ensemble(self) -> Ensemble:
+        """The ensemble object this configuration runs."""
+        return make_ensemble(
+            self.ensemble, self.members, p=self.p, rank=self.rank, lora_epochs=self.lora_epochs
+        )
 
     @property
     def m(self) -> int:
         """Members per trained model."""
-        return self.members if self.members is not None else DEFAULT_MEMBERS[self.ensemble]
+        if self.members is not None:
+            return self.members
+        return ENSEMBLES.get_entry(self.ensemble).default_members
 
     @property
     def total_members(self) -> int:
@@ -75,16 +73,12 @@ class BenchConfig:
             parts.append(self.projection)
         if self.damping is not None:
             parts.append(f"damp{self.damping}")
-        if self.p is not None:
-            parts.append(f"p{self.p:g}")
-        if self.ensemble == "lora":
-            parts.append(f"r{self.rank}e{self.lora_epochs}")
-        return "/".join(parts)
+        return "/".join(parts + self.make_ensemble().key_parts())
 
     @property
     def label(self) -> str:
         """Short plot label, e.g. ``naive 5``, ``dropout 10``, ``2x10 dropout``."""
-        kind = SHORT[self.ensemble]
+        kind = ENSEMBLES.get_entry(self.ensemble).short
         if self.ensemble == "none":
             return f"naive {self.models}"
         if self.models > 1:

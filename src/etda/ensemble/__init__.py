@@ -1,17 +1,25 @@
-"""Ensembles: how members are made (independent, checkpoints, projection seeds, dropout, LoRA)."""
+"""Ensembles: how members are made (independent, checkpoints, projection seeds, dropout, LoRA);
+each class registers its presets in ``ENSEMBLES`` when its module is imported."""
 
+# isort: off  (import order is registration order: how the CLI and reports list them)
 from etda.ensemble.base import (
+    ENSEMBLES,
     BuildContext,
     Checkpoints,
     Ensemble,
     Independent,
     Member,
+    Preset,
     ProjectionSeeds,
+    make_ensemble,
 )
-from etda.ensemble.dropout import Dropout, MaskedDropout, set_example_index
+from etda.ensemble.dropout import Dropout, MaskedDropout
 from etda.ensemble.lora import LoRA
 
+# isort: on
+
 __all__ = [
+    "ENSEMBLES",
     "BuildContext",
     "Checkpoints",
     "Dropout",
@@ -20,6 +28,7 @@ __all__ = [
     "LoRA",
     "MaskedDropout",
     "Member",
+    "Preset",
     "ProjectionSeeds",
-    "set_example_index",
+    "make_ensemble",
 ]

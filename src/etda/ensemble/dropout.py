@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from copy import copy
 
 import numpy as np
 import torch
@@ -21,13 +22,20 @@ from etda.ensemble.base import (
     BuildContext,
     Ensemble,
     Member,
-    _check_members,
+    check_members,
     member_seed,
     prepared_copy,
 )
 from etda.seeding import uniform
 
 MODES = ("fixed", "per-example")
+
+
+def replace(ensemble: Dropout, **changes: object) -> Dropout:
+    """A copy of ``ensemble`` with some attributes changed."""
+    out = copy(ensemble)
+    out.__dict__.update(changes)
+    return out
 
 
 class MaskedDropout(nn.Module):
@@ -71,12 +79,6 @@ class MaskedDropout(nn.Module):
         return f"p={self.p}, mode={self.mode}, seed={self.seed}, layer={self.layer}"
 
 
-def set_example_index(model: nn.Module, index: Tensor) -> None:
-    for m in model.modules():
-        if isinstance(m, MaskedDropout):
-            m.set_index(index)
-
-
 def install_masks(model: nn.Module, p: float | None, mode: str, seed: int) -> int:
     """Replace every ``nn.Dropout`` of ``model`` (in place) by a seeded MaskedDropout.
 
@@ -101,6 +103,24 @@ class Dropout(Ensemble):
     """
 
     name = "dropout"
+    presets = {
+        "dropout": (
+            "fixed dropout sub-networks: one seeded mask per member, shared by all examples",
+            "dropout",
+            {"mode": "fixed", "forward_only": False},
+        ),
+        "dropout-per-example": (
+            "MC dropout: seeded masks per member and per example",
+            "dropout/ex",
+            {"mode": "per-example", "forward_only": False},
+        ),
+        "dropout-forward": (
+            "TRAK only: gradients of the unmasked model, masks only in the Q term",
+            "dropout-fwd",
+            {"forward_only": True},
+        ),
+    }
+    OVERRIDE_P = 0.1  # the rate for models trained without dropout (for_model(adapt=True))
 
     def __init__(
         self,
@@ -110,14 +130,38 @@ class Dropout(Ensemble):
         forward_only: bool = False,
         seed: int | None = None,
     ) -> None:
-        _check_members(members)
+        check_members(members)
         if mode not in MODES:
             raise ValueError(f"dropout mode must be one of {MODES}, got {mode!r}")
+        if p is not None and not (isinstance(p, int | float) and 0.0 <= p < 1.0):
+            raise ValueError(f"dropout rate must be in [0, 1), got {p!r}")
         self.n_members, self.mode, self.p = members, mode, p
         self.forward_only, self.seed = forward_only, seed
 
     def size(self, n_models: int) -> int:
         return n_models * self.n_members
+
+    @property
+    def varies_features(self) -> bool:
+        return not self.forward_only
+
+    def key_parts(self) -> list[str]:
+        return [f"p{self.p:g}"] if self.p is not None else []
+
+    def for_model(self, model: nn.Module, adapt: bool = False) -> tuple[Ensemble, str]:
+        rates = [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
+        if not rates:
+            raise ValueError(
+                f"the model ({type(model).__name__}) has no dropout layers to mask (nn.Dropout); "
+                "add nn.Dropout(p=0.0) modules where masks should go, or choose another "
+                "ensemble, e.g. 'lora' or 'projection-seeds'"
+            )
+        if adapt and max(rates) == 0.0 and self.p is None:
+            return (
+                replace(self, p=self.OVERRIDE_P),
+                f"trained without dropout: masks use p={self.OVERRIDE_P}",
+            )
+        return self, ""
 
     def _masked(self, model: nn.Module, ctx: BuildContext, seed: int) -> nn.Module:
         m = prepared_copy(model, ctx.dtype)

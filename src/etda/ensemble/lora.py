@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from etda.ensemble.base import BuildContext, Ensemble, Member, _check_members, member_seed
+from etda.ensemble.base import BuildContext, Ensemble, Member, check_members, member_seed
 
 
 def lora_targets(model: nn.Module) -> list[str]:
@@ -29,6 +29,9 @@ class LoRA(Ensemble):
     """``members`` LoRA adapters per given model (K given models: a K x M hybrid)."""
 
     name = "lora"
+    presets = {"lora": ("LoRA adapters fine-tuned from each trained model", "LoRA", {})}
+    provides = frozenset({"checkpoints"})  # each adapter's epoch checkpoints
+    trains_members = True
 
     def __init__(
         self,
@@ -42,7 +45,7 @@ class LoRA(Ensemble):
         seed: int | None = None,
         save_dir: str | None = None,
     ) -> None:
-        _check_members(members)
+        check_members(members)
         if rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {rank}")
         if epochs <= 0:
@@ -56,6 +59,9 @@ class LoRA(Ensemble):
 
     def size(self, n_models: int) -> int:
         return n_models * self.n_members
+
+    def key_parts(self) -> list[str]:
+        return [f"r{self.rank}e{self.epochs}"]
 
     def adapter(
         self, model: nn.Module, ctx: BuildContext, seed: int

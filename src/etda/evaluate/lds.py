@@ -24,17 +24,14 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from etda.data.subsets import random_subset_masks
-from etda.parallel import Executor, get_executor
+from etda.parallel import Executor, get_executor, torch_threads
 from etda.scores import Scores
 from etda.seeding import derive_seed
 from etda.settings import SETTINGS, Setting, get_setting
@@ -173,16 +170,6 @@ def lds(values: np.ndarray | Scores, gt: GroundTruth) -> LDSResult:
 # ------------------------------------------------------------------------- retraining
 
 
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 # Settings already loaded by this (worker) process, keyed as the jobs name them.
 _LOADED: dict[str, Setting] = {}
 
@@ -211,7 +198,7 @@ def retrain_outputs(setting: Setting, mask: np.ndarray, seed: int) -> tuple[np.n
     numbers do not depend on which executor (or how many threads) ran the job.
     """
     data = setting.data()
-    with _torch_threads(1):
+    with torch_threads(1):
         result = setting.train(seed, subset=mask)
         out = setting.output(result.model, data.x_test, data.y_test)
     return out.numpy().astype(np.float64), float(result.seconds)

@@ -32,13 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from etda.features import blocks as fb
-from etda.methods import METHODS, MemberContext, MemberResult, Method, get_method
-from etda.methods.base import features_only
-from etda.methods.graddot import GradDot
-from etda.methods.influence import InfluenceFunction
-from etda.methods.solve import DampedSystem, _cholesky, choose_damping
-from etda.methods.trak import TRAK
+from etda.methods import Method, method_takes
 
 FOUND_AT = (0.05, 0.10, 0.20, 0.30)  # fractions of the training set inspected
 CURVE_POINTS = 101
@@ -84,124 +78,24 @@ def flip_labels(
 # --------------------------------------------------------------------- self-influence
 
 
-class SelfInfluence(Method):
-    """Wraps a method so that each member returns only the diagonal ``(1, n_train)``.
-
-    The member sees the training features only; the combination rule is the wrapped
-    method's (TRAK: the kernel diagonal and Q averaged separately), so the combined result
-    equals the diagonal of the full ensemble attribution with test = train.
-    """
-
-    SUPPORTED = ("graddot", "tracin", "trak", "if")
-
-    def __init__(self, inner: Method) -> None:
-        if not self.supports(inner):
-            raise ValueError(f"no diagonal shortcut for method {inner.name!r}")
-        self.inner = inner
-        self.name = f"self-{inner.name}"  # type: ignore[misc]
-        self.target = inner.target  # type: ignore[misc]
-        self.combine = inner.combine  # type: ignore[misc]
-        self.uses_checkpoints = inner.uses_checkpoints  # type: ignore[misc]
-
-    @staticmethod
-    def supports(inner: Method) -> bool:
-        if isinstance(inner, InfluenceFunction):
-            return inner.solver == "eigen"
-        return isinstance(inner, GradDot | TRAK)  # GradDot covers TracIn
-
-    def options(self) -> dict:
-        return {**self.inner.options(), "diagonal": True}
-
-    def member(self, train, test, ctx: MemberContext) -> MemberResult:
-        tr = features_only(train)
-        if isinstance(self.inner, GradDot):
-            return MemberResult(fb.sq_norms(tr)[None, :])
-        system = DampedSystem(tr, self.inner.form)
-        q = torch.as_tensor(train["q"][:, 0]).double()
-        scale = float(system.n) if isinstance(self.inner, InfluenceFunction) else 1.0
-        d = choose_damping(system, self.inner.damping, y=q, scale=scale)
-        diag = scale * damped_diagonal(system, d.lam)
-        info: dict[str, Any] = {"damping": d.to_dict(), "form": system.form}
-        if isinstance(self.inner, TRAK):
-            return MemberResult(diag[None, :], q=q, info=info)
-        info["damping"]["lam_H"] = d.lam / scale
-        return MemberResult(diag[None, :], info=info)
-
-
-def damped_diagonal(system: DampedSystem, lam: float) -> Tensor:
-    """``diag(Phi (Phi^T Phi + lam I)^-1 Phi^T)``, ``(n,)``, as ``DampedSystem.solve`` would
-    compute it with test = train, without the ``n x n`` result in feature space."""
-    if system.form == "feature":
-        a = system.gram.clone()
-        a.diagonal().add_(lam)
-        right = torch.cholesky_solve(system.phi.T, _cholesky(a))  # (k, n)
-        return (system.phi * right.T).sum(1)
-    a = system.kmat.clone()
-    a.diagonal().add_(lam)
-    chol = _cholesky(a)  # may add jitter to a's diagonal in place
-    shift = float((a.diagonal() - system.kmat.diagonal()).mean())
-    # K (K + s I)^-1 = I - s (K + s I)^-1: one triangular inverse instead of an n x n solve.
-    return 1.0 - shift * torch.cholesky_inverse(chol).diagonal()
-
-
-def split_options(method: str | Method, options: dict) -> tuple[Method, dict]:
-    """The method object (built with the options it accepts) and the remaining options."""
-    if isinstance(method, Method):
-        return method, options
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
-    accepted = set(inspect.signature(METHODS[method]).parameters)
-    mine = {k: v for k, v in options.items() if k in accepted}
-    rest = {k: v for k, v in options.items() if k not in accepted}
-    return get_method(method, **mine), rest
-
-
-def self_influence_scores(
-    models: nn.Module | Sequence[nn.Module],
-    x: Tensor,
-    y: Tensor,
-    method: str | Method = "trak",
-    ensemble: object = None,
-    **options: Any,
-):
-    """Self-influence as :class:`etda.Scores` of shape ``(1, n)`` (with costs and config).
-
-    ``options``: the method's options (``damping``, ...) and ``etda.attribute``'s
-    (``proj_dim``, ``projection``, ``seed``, ``train_seconds``, ...).
-    """
-    from etda.attribute import attribute
-    from etda.scores import Scores
-
-    m_obj, rest = split_options(method, dict(options))
-    if m_obj.name == "gradcos":
-        raise ValueError(
-            "Grad-Cos self-influence is the cosine of a gradient with itself, 1 for every "
-            "example: it cannot rank mislabels. Use graddot, trak or if."
-        )
-    x, y = torch.as_tensor(x), torch.as_tensor(y).long()
-    if SelfInfluence.supports(m_obj):
-        # The test set is a single example: the diagonal needs only training features.
-        return attribute(models, (x, y), (x[:1], y[:1]), SelfInfluence(m_obj), ensemble, **rest)
-    full = attribute(models, (x, y), (x, y), m_obj, ensemble, **rest)
-    return Scores(np.diagonal(full.values).copy()[None, :], full.method, full.config, full.costs)
-
-
 def self_influence(
     models: nn.Module | Sequence[nn.Module],
     x: Tensor,
     y: Tensor,
     method: str | Method = "trak",
-    ensemble: object = None,
+    ensemble: Any = None,
     **options: Any,
 ) -> np.ndarray:
     """Self-influence ``tau_i(z_i)`` of every training example, float64 ``(n,)``.
 
     Equals ``np.diag(etda.attribute(models, (x, y), (x, y), method, ensemble).values)`` (for
-    per-example dropout masks it uses each example's training mask on both sides).
+    per-example dropout masks it uses each example's training mask on both sides); see
+    :func:`etda.self_influence`, which returns it as Scores with costs.
     """
-    return np.asarray(
-        self_influence_scores(models, x, y, method, ensemble, **options).values[0], np.float64
-    )
+    from etda.engine import self_influence as scores_of
+
+    x, y = torch.as_tensor(x), torch.as_tensor(y).long()
+    return np.asarray(scores_of(models, (x, y), method, ensemble, **options).values[0], np.float64)
 
 
 @torch.no_grad()
@@ -344,8 +238,8 @@ def run_mislabel(
     k_models: int = 1,
     members: int | None = None,
     p: float | None = None,
-    rank: int = 8,
-    lora_epochs: int = 2,
+    rank: int | None = None,
+    lora_epochs: int | None = None,
     dropout: float | None = None,
     epochs: int | None = None,
     model_dir: str = "runs/models",
@@ -363,44 +257,39 @@ def run_mislabel(
     (:func:`detection_report`), ``memorized`` (fraction of flips whose noisy label the model
     predicts), test accuracy, costs and the chosen configuration.
     """
+    from etda.compat import check
     from etda.experiment import (
-        _checkpoint_models,
         accuracy,
-        checkpoint_schedule,
         damping_summary,
+        default_members,
         make_ensemble,
+        prepare_models,
     )
+    from etda.methods import get_method
     from etda.settings import get_setting
-    from etda.zoo import trained_models
 
     base = get_setting(setting) if isinstance(setting, str) else setting
     noisy = noisy_setting(base, fraction, seed, dropout, epochs)
     data, clean = noisy.data(), base.data()
     flipped = (data.y_train != clean.y_train).numpy()
     ens = make_ensemble(ensemble, members, p=p, rank=rank, lora_epochs=lora_epochs)
-    if method == "tracin" and ensemble == "checkpoints":
-        raise ValueError("TracIn already sums over checkpoints; use another ensemble with it")
-    n_ckpt = (members or 5) if ensemble == "checkpoints" else 5
-    needs_ckpt = ensemble == "checkpoints" or (method == "tracin" and ensemble != "lora")
-    ckpt_epochs = checkpoint_schedule(noisy.recipe.epochs, n_ckpt) if needs_ckpt else []
+    method_options = {k: options.pop(k) for k in list(options) if method_takes(method, k)}
+    method_obj = get_method(method, **method_options)
+    check(method_obj, ens, checkpoints=[])
+    n_ckpt = (members or default_members(ensemble)) if ens.members_are_checkpoints else 5
     t0 = time.perf_counter()
-    tms = trained_models(
-        noisy, k_models, model_dir, checkpoint_epochs=ckpt_epochs, progress=progress
+    tms, attr_models, checkpoint_kw = prepare_models(
+        noisy, method_obj, ens, k_models, n_ckpt, model_dir, progress=progress
     )
     models = [tm.model for tm in tms]
-    attr_models = _checkpoint_models(noisy, tms) if ensemble == "checkpoints" else models
-    if method == "tracin" and ensemble != "lora":
-        options = {
-            **options,
-            "checkpoints": [tm.checkpoints for tm in tms],
-            "checkpoint_lrs": tms[0].checkpoint_lrs,
-        }
+    options = {**options, **checkpoint_kw}
     x, y = data.x_train, data.y_train
+    from etda.engine import self_influence as self_influence_scores
+
     scores = self_influence_scores(
         attr_models,
-        x,
-        y,
-        method,
+        (x, y),
+        method_obj,
         ens,
         train_seconds=sum(tm.seconds for tm in tms),
         progress=progress,

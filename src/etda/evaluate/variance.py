@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from etda.methods import MemberContext, MemberResult, Method
+from etda.methods import MemberContext, MemberFactors, Method
+from etda.methods.base import block_scores
 
 
 @dataclass
@@ -341,18 +342,17 @@ def member_projections(
     Members must be yielded model by model with the same count per model (Dropout, LoRA,
     ProjectionSeeds); checkpoint methods and forward-only dropout are refused.
     """
-    from etda.attribute import attribute
-    from etda.evaluate.mislabel import split_options
+    from etda.engine import attribute, split_options
 
-    m_obj, options = split_options(method, dict(options))
-    if m_obj.uses_checkpoints:
+    m_obj, config = split_options(method, dict(options))
+    if len(m_obj.expand([({}, 1.0)])) != 1 or "checkpoints" in m_obj.needs:
         raise ValueError(f"member projections of {m_obj.name!r} (checkpoints) are not supported")
-    if getattr(ensemble, "forward_only", False):
+    if ensemble is not None and not ensemble.varies_features:  # type: ignore[attr-defined]
         raise ValueError("forward-only dropout members share one featurization: use mode='fixed'")
     n_models = len(models) if isinstance(models, list | tuple) else 1
     total = ensemble.size(n_models) if ensemble is not None else n_models
     rec = _Recorder(m_obj, torch.as_tensor(np.asarray(masks, np.float64)))
-    scores = attribute(models, train, test, rec, ensemble, **options)  # type: ignore[arg-type]
+    scores = attribute(models, train, test, rec, ensemble, config=config)  # type: ignore[arg-type]
     if len(rec.rows) != total:
         raise RuntimeError(f"recorded {len(rec.rows)} members, expected {total}")
     u = np.stack(rec.rows).reshape(n_models, total // n_models, *rec.rows[0].shape)
@@ -371,8 +371,13 @@ class _Recorder(Method):
     def options(self) -> dict:
         return self.inner.options()
 
-    def member(self, train, test, ctx: MemberContext) -> MemberResult:
-        r = self.inner.member(train, test, ctx)
-        vals = r.values if r.q is None else r.values * r.q[None, :]
+    @property
+    def streamable(self) -> bool:
+        return self.inner.streamable
+
+    def factors(self, train, test, ctx: MemberContext) -> MemberFactors:
+        f = self.inner.factors(train, test, ctx)
+        vals = block_scores(f.left, f.space, f.col_scale, train, 0, train.n)
+        vals = vals if f.q is None else vals * f.q[None, :]
         self.rows.append((vals.double() @ self.masks.T).numpy())
-        return r
+        return f

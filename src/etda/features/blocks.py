@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -116,3 +117,126 @@ def sq_norms(a: Mapping[str, Tensor], dtype: torch.dtype = torch.float64) -> Ten
     if out is None:
         raise ValueError("no feature blocks")
     return out
+
+
+# ------------------------------------------------------------------- feature views
+
+
+class Features:
+    """One member's feature blocks on one split, in memory: ``{name: (n, width)}``.
+
+    The view methods use: ``n``, ``explicit_width`` (k for one explicit matrix, else None),
+    ``q`` (TRAK's Q, float64 ``(n,)``), ``ranges()`` (row blocks: here one, ``(0, n)``),
+    ``rows(lo, hi)`` (explicit features, float64), ``gram()`` (``Phi^T Phi``), ``sq_norms()``
+    and ``inner(other)`` (gradient inner products, ``(n_other, n)``, also for exact factors).
+    :class:`StreamedFeatures` offers the same over a feature store, block by block, so a
+    method's linear algebra is written once for both.
+    """
+
+    in_memory = True
+
+    def __init__(self, blocks: Mapping[str, Tensor]) -> None:
+        self.blocks = dict(blocks)
+        self.features = {k: v for k, v in self.blocks.items() if k not in EXTRA}
+        self.n = next(iter(self.blocks.values())).shape[0]
+        self.explicit_width = explicit_width(self.features)
+
+    @property
+    def q(self) -> Tensor | None:
+        return torch.as_tensor(self.blocks["q"][:, 0]).double() if "q" in self.blocks else None
+
+    def matrix(self) -> Tensor:
+        """The explicit feature matrix ``(n, k)`` as stored (ValueError for exact factors)."""
+        return matrix(self.features)
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return [(0, self.n)]
+
+    def rows(self, lo: int, hi: int) -> Tensor:
+        return self.matrix()[lo:hi].to(torch.float64)
+
+    def gram(self) -> Tensor:
+        phi = self.rows(0, self.n)
+        return phi.T @ phi
+
+    def sq_norms(self) -> Tensor:
+        return sq_norms(self.features)
+
+    def inner(self, other: Features) -> Tensor:
+        """``<g(other_r), g(self_c)>``: ``(other.n, self.n)`` float64."""
+        return inner(other.features, self.features)
+
+
+class StreamedFeatures:
+    """A member's stored training features, read ``block`` rows at a time (out of core).
+
+    Offers what :class:`Features` does except ``inner`` (an ``n x n`` kernel is what out of
+    core avoids). One streaming pass gives the Gram matrix, the squared norms and Q together.
+    """
+
+    in_memory = False
+
+    def __init__(self, store: Any, block: int) -> None:
+        keys = [k for k in EXPLICIT if k in store.widths]
+        if len(keys) != 1 or any(k[0] in "da" and k[1:].isdigit() for k in store.widths):
+            raise ValueError(
+                "out-of-core scoring needs explicit (projected) features; the exact kernel "
+                "(projection 'none') is n x n: pass proj_dim=... (CLI --proj-dim) or a larger "
+                "memory budget"
+            )
+        self.store, self.block, self.key = store, block, keys[0]
+        self.n = store.n
+        self.explicit_width = store.widths[self.key]
+        self._gram: Tensor | None = None
+        self._norms: Tensor | None = None
+        self._q: Tensor | None = None
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return [(lo, min(lo + self.block, self.n)) for lo in range(0, self.n, self.block)]
+
+    def rows(self, lo: int, hi: int) -> Tensor:
+        return self.store.rows(lo, hi, [self.key])[self.key].to(torch.float64)
+
+    def _stream(self, gram: bool) -> None:
+        k = self.explicit_width
+        g = torch.zeros(k, k, dtype=torch.float64) if gram else None
+        norms = torch.empty(self.n, dtype=torch.float64)
+        has_q = "q" in self.store.widths
+        q = torch.empty(self.n, dtype=torch.float64) if has_q else None
+        for lo, hi in self.ranges():
+            rows = self.store.rows(lo, hi, [self.key] + (["q"] if has_q else []))
+            phi = rows[self.key].to(torch.float64)
+            if g is not None:
+                g.addmm_(phi.T, phi)
+            norms[lo:hi] = (phi * phi).sum(1)
+            if q is not None:
+                q[lo:hi] = rows["q"][:, 0].to(torch.float64)
+        self._gram = g if g is not None else self._gram
+        self._norms, self._q = norms, q
+
+    def gram(self) -> Tensor:
+        if self._gram is None:
+            self._stream(gram=True)
+        return self._gram  # type: ignore[return-value]
+
+    def sq_norms(self) -> Tensor:
+        if self._norms is None:
+            self._stream(gram=False)
+        return self._norms  # type: ignore[return-value]
+
+    @property
+    def q(self) -> Tensor | None:
+        if self._norms is None:
+            self._stream(gram=False)
+        return self._q
+
+    def matrix(self) -> Tensor:
+        raise ValueError("the features are on disk (out of core): read them with rows(lo, hi)")
+
+    def inner(self, other: Features) -> Tensor:
+        raise ValueError(
+            "an n x n kernel is not formed out of core; the method needs a feature-space form"
+        )
+
+
+TrainFeatures = Features | StreamedFeatures

@@ -101,6 +101,14 @@ def _as_rows(module: nn.Module, inp: Tensor, out_grad: Tensor) -> tuple[Tensor, 
     return d, a
 
 
+def set_example_index(model: nn.Module, index: Tensor) -> None:
+    """Tell every module that draws per-example randomness (a ``set_index`` method, e.g.
+    per-example dropout masks) the dataset positions ``(B,)`` of the next batch."""
+    for m in model.modules():
+        if hasattr(m, "set_index"):
+            m.set_index(index)
+
+
 def mask_in_dims(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, int | None]]:
     """Buffers for functional calls and their vmap dims (per-example dropout masks: 0)."""
     buffers = dict(model.named_buffers())

@@ -15,21 +15,18 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from etda.cost import Costs, timer
 from etda.features.featurize import FeatureSpec, Featurizer
+from etda.features.service import FeatureRequest, FeatureService, compute_rows
 from etda.features.store import SplitStore, _checksum
 from etda.parallel import default_workers, get_executor, resolve
 from etda.task import Task
-
-if TYPE_CHECKING:
-    from etda.attribute import _Run
-    from etda.cost import Costs
-    from etda.ensemble import Member
 
 
 @dataclass
@@ -57,8 +54,6 @@ class ShardJob:
 
 def featurize_shard(job: ShardJob) -> list[tuple[int, int, str]]:
     """Compute and write the job's rows; return ``(lo, hi, checksum)`` per chunk."""
-    from etda.attribute import compute_rows
-
     torch.set_num_threads(1)  # results must not depend on the worker's thread count
     model = job.model
     x, y = _tensor(resolve(job.x)), _tensor(resolve(job.y))
@@ -109,68 +104,65 @@ def _shards(ranges: list[tuple[int, int]], count: int) -> list[list[tuple[int, i
 
 
 def featurize_parallel(
-    run: _Run,
-    members: list[Member],
+    service: FeatureService,
+    requests: list[FeatureRequest],
     costs: Costs,
     executor: str,
     workers: int | None = None,
     address: str | None = None,
+    splits: tuple[str, ...] = ("train", "test"),
 ) -> int:
-    """Fill the stores of every member (members sharing features once) with shard jobs.
+    """Fill the stores of every request (each tag once) with shard jobs on ``executor``.
 
     Returns the number of jobs run. The member loop afterwards finds the stores complete
     and only loads them; featurization seconds are charged to ``costs`` here."""
-    from etda.attribute import member_tag
-    from etda.cost import timer
-
     n_workers = workers or default_workers()
     with timer(costs, "featurize_train_s"), get_executor(executor, n_workers, address) as ex:
         # With an object store (Ray) each split's inputs travel once, not once per job;
         # shared lazily, so a complete store starts no workers at all.
         shared: dict[str, tuple] = {}
         # A copy: a view would drag its whole storage (the training set) into every pickle.
-        probe = (run.x_train[:1].clone(), run.y_train[:1].clone())
+        probe = (service.train.x[:1].clone(), service.train.y[:1].clone())
         jobs: list[ShardJob] = []
         stores: list[SplitStore] = []
         seen: set[str] = set()
-        for i, member in enumerate(members):
-            if member.feature_key is not None:
-                if member.feature_key in seen:
-                    continue
-                seen.add(member.feature_key)
-            tag = member_tag(i)
-            fz, meta = run.member_featurizer(member, member.model)
-            for split in ("train", "test"):
-                st, x, y, offset = run.open_split(fz, meta, tag, split)
-                ranges = list(st.missing(run.chunk_size))
-                count = 2 * n_workers if split == "train" else 1
+        for req in requests:
+            if req.tag in seen:
+                continue
+            seen.add(req.tag)
+            fz, meta = service.featurizer(req)
+            for name in splits:
+                split = service.split(name)
+                st = service.open(fz, meta, req.tag, split)
+                ranges = list(st.missing(service.chunk_size))
+                count = 2 * n_workers if name == "train" else 1
                 for shard in _shards(ranges, count):
                     lo, hi = shard[0][0], shard[-1][1]
-                    if split not in shared:
-                        shared[split] = (ex.share(x.numpy()), ex.share(y.numpy()))
-                    sx, sy = shared[split]
-                    data = (sx, sy, 0) if sx is not None else (x[lo:hi], y[lo:hi], lo)
+                    if name not in shared:
+                        shared[name] = (ex.share(split.x.numpy()), ex.share(split.y.numpy()))
+                    sx, sy = shared[name]
+                    data = (sx, sy, 0) if sx is not None else (split.x[lo:hi], split.y[lo:hi], lo)
                     jobs.append(
                         ShardJob(
-                            member.model,
-                            run.task,
+                            req.model,
+                            service.task,
                             fz.params,
-                            run.spec(member),
+                            fz.spec,
                             probe,
-                            run.use_hooks,
+                            service.use_hooks,
                             *data,
                             shard,
-                            offset,
-                            run.torch_dtype,
+                            split.offset,
+                            service.torch_dtype,
                             st.folder,
                             st.n,
                             st.widths,
                             st.storage,
-                            f"{tag} {split}",
+                            f"{req.tag} {name}",
                         )
                     )
                     stores.append(st)
-        bar = tqdm(total=len(jobs), desc="featurize shards", disable=not run.progress)
+        bar = tqdm(total=len(jobs), desc="featurize shards", disable=not service.progress)
         for pos, done in ex.map(featurize_shard, jobs):
             for lo, hi, cs in done:
                 stores[pos].record(lo, hi, cs)

@@ -1,51 +1,44 @@
-"""Attribution methods over a shared template (``etda.methods.base``)."""
+"""Attribution methods over one template (``etda.methods.base``); each registers itself in
+``METHODS`` when its module is imported."""
 
 from __future__ import annotations
 
-from etda.methods.base import Combiner, MemberContext, MemberResult, Method
+from etda.methods.base import (
+    METHODS,
+    CombineRule,
+    Diagonal,
+    KernelTimesMeanQ,
+    Mean,
+    MemberContext,
+    MemberFactors,
+    Method,
+    get_method,
+    method_takes,
+)
 from etda.methods.gradcos import GradCos
+
+# isort: off  (import order is registration order: how the CLI and reports list them)
 from etda.methods.graddot import GradDot
 from etda.methods.influence import InfluenceFunction
 from etda.methods.tracin import TracIn
 from etda.methods.trak import TRAK
 
-METHODS: dict[str, type[Method]] = {
-    "graddot": GradDot,
-    "gradcos": GradCos,
-    "tracin": TracIn,
-    "if": InfluenceFunction,
-    "trak": TRAK,
-}
-
-
-def get_method(name: str | Method, **options) -> Method:
-    """A method object from its name (``graddot | gradcos | tracin | if | trak``)."""
-    if isinstance(name, Method):
-        return name
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
-    import inspect
-
-    accepted = set(inspect.signature(METHODS[name]).parameters)
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise ValueError(
-            f"method {name!r} does not take option(s) {unknown}; "
-            f"it accepts {sorted(accepted) or 'none'}"
-        )
-    return METHODS[name](**options)
-
+# isort: on
 
 __all__ = [
     "METHODS",
-    "Combiner",
+    "CombineRule",
+    "Diagonal",
     "GradCos",
     "GradDot",
     "InfluenceFunction",
+    "KernelTimesMeanQ",
+    "Mean",
     "MemberContext",
-    "MemberResult",
+    "MemberFactors",
     "Method",
     "TRAK",
     "TracIn",
     "get_method",
+    "method_takes",
 ]

@@ -1,32 +1,41 @@
-"""The method template: member features -> member scores -> combined scores.
+"""The method template: one member's features -> its scores in factored form -> combined.
 
-A method declares which per-example scalar it differentiates (``target``), turns one
-member's train/test features into a score matrix ``(n_test, n_train)`` and says how
-member results combine (``combine``). Methods only see features through inner
-products (``etda.features.blocks``), so every featurizer and every ensemble works with
-every method.
+A method declares what it differentiates (``target``), how members combine (``combine``, a
+rule object), what it needs beyond features (``needs``), and writes its linear algebra once,
+as a :class:`MemberFactors`::
+
+    tau = left @ Phi_train^T * col_scale      (feature space: left (n_test, k))
+    tau = left * col_scale                    (sample space:  left (n_test, n_train))
+
+Both scorers use that one form: the dense scorer multiplies it out for all training columns at
+once, the blocked (out-of-core) scorer one block of columns at a time. Methods see features only
+through the views of :mod:`etda.features.blocks` (inner products, Gram matrices, row blocks), so
+every featurizer and every ensemble works with every method.
+
+A method class registers itself under its ``name`` (``etda.methods.METHODS``), which is how the
+CLI, the sweeps and the tests find it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from etda.features import blocks as fb
+from etda.features.blocks import Features, TrainFeatures
+from etda.registry import Registry
 
-if TYPE_CHECKING:
-    from etda.features.store import SplitStore
-    from etda.outofcore import MemberFactors
+Space = Literal["feature", "sample"]
+Checkpoint = tuple[dict[str, Tensor], float]  # (state dict, learning-rate weight)
 
 
 @dataclass
 class MemberContext:
-    """What a method may need beyond features (model access for exact-Hessian IF)."""
+    """What a method may need beyond features (the model and data, for exact-Hessian IF)."""
 
     model: Any = None
     task: Any = None
@@ -37,73 +46,172 @@ class MemberContext:
 
 
 @dataclass
-class MemberResult:
-    values: Tensor  # (n_test, n_train) float64
-    q: Tensor | None = None  # (n_train,) TRAK's Q term
+class MemberFactors:
+    """One member's scores, factored (see the module doc). ``q``: TRAK's Q term ``(n_train,)``."""
+
+    left: Tensor | None
+    space: Space = "feature"
+    col_scale: Tensor | None = None
+    q: Tensor | None = None
+    info: dict = field(default_factory=dict)
+    left_file: Path | None = None  # out of core: ``left`` spilled to this .npy file
+    width: int = 0  # columns of ``left``
+
+    def __post_init__(self) -> None:
+        if self.left is not None:
+            self.width = int(self.left.shape[1])
+
+
+@dataclass
+class Diagonal:
+    """One member's self-influence ``tau_i(z_i)`` ``(n_train,)`` (and Q, for TRAK's rule)."""
+
+    values: Tensor
+    q: Tensor | None = None
     info: dict = field(default_factory=dict)
 
 
-def features_only(blocks: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v for k, v in blocks.items() if k not in fb.EXTRA}
+def block_scores(
+    left: Tensor,
+    space: Space,
+    col_scale: Tensor | None,
+    train: TrainFeatures,
+    lo: int,
+    hi: int,
+) -> Tensor:
+    """Columns ``[lo, hi)`` of a member's scores ``(n_test, hi - lo)`` from its form."""
+    # "sample": scores already; "feature": a left factor times the training rows
+    part = left[:, lo:hi] if space == "sample" else left.to(torch.float64) @ train.rows(lo, hi).T
+    if col_scale is not None:
+        part = part * col_scale[lo:hi][None, :]
+    return part
+
+
+class CombineRule(ABC):
+    """How member scores combine into the ensemble's scores."""
+
+    name: ClassVar[str]
+    uses_q: ClassVar[bool] = False
+
+    @abstractmethod
+    def finish(self, total: Tensor, count: int, q_total: Tensor | None, lo: int = 0) -> Tensor:
+        """Combined scores from the sum of ``count`` member scores (columns from ``lo``)."""
+
+
+class Mean(CombineRule):
+    """The mean of the members' scores."""
+
+    name = "mean"
+
+    def finish(self, total: Tensor, count: int, q_total: Tensor | None, lo: int = 0) -> Tensor:
+        return total / count
+
+
+class KernelTimesMeanQ(CombineRule):
+    """TRAK (Park et al., 2023): the kernel term and Q are averaged over members separately
+    and multiplied at the end."""
+
+    name = "trak"
+    uses_q = True
+
+    def finish(self, total: Tensor, count: int, q_total: Tensor | None, lo: int = 0) -> Tensor:
+        if q_total is None:
+            raise ValueError("TRAK combination needs a Q term from every member")
+        q = (q_total / count)[lo : lo + total.shape[1]]
+        return total / count * q[None, :]
+
+
+METHODS: Registry[type[Method]] = Registry("method")
 
 
 class Method(ABC):
-    """Base class: subclasses set ``name``, ``target`` and implement ``member``."""
+    """Base class: subclasses set ``name`` (and ``title``, ``description``, ``target``,
+    ``combine``, ``needs`` where they differ) and implement :meth:`factors`."""
 
     name: ClassVar[str]
-    target: ClassVar[str] = "loss"  # "loss" | "output"
-    combine: ClassVar[str] = "mean"  # "mean" | "trak" (kernel and Q averaged separately)
-    uses_checkpoints: ClassVar[bool] = False
+    title: ClassVar[str] = ""  # how reports print it, e.g. "TRAK"
+    description: ClassVar[str] = ""
+    target: ClassVar[str] = "loss"  # "loss" | "output": the per-example scalar differentiated
+    combine: ClassVar[CombineRule] = Mean()
+    # Beyond features: "checkpoints" (of each member's training run) | "model" (and the data)
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            cls.title = cls.__dict__.get("title") or cls.name
+            METHODS.add(cls.name, cls)
 
     def options(self) -> dict:
+        """The options this method was built with (recorded in ``Scores.config``)."""
         return {}
 
-    def factors(
-        self, train: SplitStore, test: Mapping[str, Tensor], ctx: MemberContext, block: int
-    ) -> MemberFactors:
-        """Out-of-core form of ``member``: ``tau = left @ Phi_train^T * col_scale`` from
-        stored training features streamed ``block`` rows at a time (etda.outofcore)."""
-        raise ValueError(
-            f"method {self.name!r} has no out-of-core form; use graddot, gradcos, if "
-            "(solver='eigen') or trak, or a memory budget that fits the dense scores"
-        )
+    @property
+    def streamable(self) -> bool:
+        """Whether the form can be computed from features on disk (out of core)."""
+        return True
+
+    @property
+    def default_projection(self) -> str:
+        """The projection ``projection="auto"`` resolves to for this method (``"auto"``:
+        the engine's choice between the exact kernel and a factored sketch)."""
+        return "auto"
+
+    def expand(self, checkpoints: list[Checkpoint] | None) -> list[tuple[dict | None, float]]:
+        """The weighted sub-members a member stands for: ``[(state dict or None for the
+        member's own weights, weight)]``. A member's scores are the weighted sum of its
+        sub-members' (TracIn: one per checkpoint, weighted by its learning rate)."""
+        return [(None, 1.0)]
 
     @abstractmethod
-    def member(
-        self, train: Mapping[str, Tensor], test: Mapping[str, Tensor], ctx: MemberContext
-    ) -> MemberResult:
-        """Scores of one member ``(n_test, n_train)`` from its feature blocks."""
+    def factors(self, train: TrainFeatures, test: Features, ctx: MemberContext) -> MemberFactors:
+        """One member's scores in factored form, from its training and test features."""
+
+    def diagonal(self, train: TrainFeatures, ctx: MemberContext) -> Diagonal | None:
+        """Self-influence of every training example without the ``n x n`` scores, or None
+        where the method has no shortcut (the engine then scores the training set against
+        itself and takes the diagonal)."""
+        return None
+
+    @property
+    def has_diagonal(self) -> bool:
+        """Whether :meth:`diagonal` gives self-influence directly."""
+        return type(self).diagonal is not Method.diagonal
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"
 
 
-class Combiner:
-    """Accumulates member results one at a time (memory does not grow with members)."""
+def get_method(name: str | Method, **options: Any) -> Method:
+    """A method object from its registered name, built with ``options``."""
+    if isinstance(name, Method):
+        if options:
+            raise ValueError(
+                f"options {sorted(options)} were given with a method object; pass them to its "
+                "constructor instead"
+            )
+        return name
+    if isinstance(name, type) and issubclass(name, Method):
+        cls = name
+    elif isinstance(name, str):
+        cls = METHODS.get_entry(name)
+    else:
+        raise TypeError(f"method must be a name or an etda.Method, got {type(name).__name__}")
+    import inspect
 
-    def __init__(self, rule: str) -> None:
-        self.rule, self.count = rule, 0
-        self.total: Tensor | None = None
-        self.q: Tensor | None = None
-        self.infos: list[dict] = []
-
-    def add(self, r: MemberResult, weight: float = 1.0) -> None:
-        self.total = (
-            r.values * weight if self.total is None else self.total.add_(r.values, alpha=weight)
+    accepted = set(inspect.signature(cls).parameters)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(
+            f"method {cls.name!r} does not take option(s) {unknown}; "
+            f"it accepts {sorted(accepted) or 'none'}"
         )
-        if self.rule == "trak":
-            if r.q is None:
-                raise ValueError("TRAK combination needs a Q term from every member")
-            self.q = r.q.clone() if self.q is None else self.q.add_(r.q)
-        self.count += 1
-        self.infos.append(r.info)
-
-    def result(self) -> Tensor:
-        """Combined scores ``(n_test, n_train)``."""
-        if self.total is None:
-            raise ValueError("no members were scored")
-        values = self.total / self.count
-        if self.rule == "trak":
-            values = values * (self.q / self.count)[None, :]
-        return values
+    return cls(**options)
 
 
-def as_float64(t: Tensor) -> Tensor:
-    return t.to(torch.float64)
+def method_takes(method: str, option: str) -> bool:
+    """Whether the registered method ``method`` accepts keyword ``option``."""
+    import inspect
+
+    return option in inspect.signature(METHODS.get_entry(method)).parameters

@@ -4,27 +4,30 @@ from __future__ import annotations
 
 import torch
 
-from etda.features import blocks as fb
-from etda.methods.base import MemberContext, MemberResult, Method, features_only
+from etda.features.blocks import Features, TrainFeatures
+from etda.methods.base import Diagonal, MemberContext, MemberFactors, Method
+
+EPS = torch.finfo(torch.float64).tiny
 
 
 class GradCos(Method):
     name = "gradcos"
+    title = "Grad-Cos"
+    description = "cosine similarity of the loss gradients"
     target = "loss"
 
-    def member(self, train, test, ctx: MemberContext) -> MemberResult:
-        tr, te = features_only(train), features_only(test)
-        dots = fb.inner(te, tr)
-        eps = torch.finfo(torch.float64).tiny
-        norm_te = fb.sq_norms(te).sqrt().clamp_min(eps)
-        norm_tr = fb.sq_norms(tr).sqrt().clamp_min(eps)
-        return MemberResult(dots / norm_te[:, None] / norm_tr[None, :])
+    def factors(self, train: TrainFeatures, test: Features, ctx: MemberContext) -> MemberFactors:
+        norm_te = test.sq_norms().sqrt().clamp_min(EPS)
+        if train.explicit_width is not None:
+            left = test.rows(0, test.n) / norm_te[:, None]
+            return MemberFactors(
+                left, "feature", col_scale=1.0 / train.sq_norms().sqrt().clamp_min(EPS)
+            )
+        norm_tr = train.sq_norms().sqrt().clamp_min(EPS)
+        return MemberFactors(train.inner(test) / norm_te[:, None] / norm_tr[None, :], "sample")
 
-    def factors(self, train, test, ctx: MemberContext, block: int):
-        from etda.outofcore import MemberFactors, train_stats
-
-        eps = torch.finfo(torch.float64).tiny
-        stats = train_stats(train, block, gram=False)
-        left = fb.matrix(features_only(test)).to(torch.float64)
-        left = left / fb.sq_norms(features_only(test)).sqrt().clamp_min(eps)[:, None]
-        return MemberFactors(left, train, col_scale=1.0 / stats.sq_norms.sqrt().clamp_min(eps))
+    def diagonal(self, train: TrainFeatures, ctx: MemberContext) -> Diagonal:
+        raise ValueError(
+            "Grad-Cos self-influence is the cosine of a gradient with itself, 1 for every "
+            "example: it cannot rank mislabels. Use graddot, trak or if."
+        )

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import torch
-
-from etda.features import blocks as fb
-from etda.methods.base import MemberContext, MemberResult, Method, features_only
+from etda.features.blocks import Features, TrainFeatures
+from etda.methods.base import Diagonal, MemberContext, MemberFactors, Method
 
 
 class GradDot(Method):
     name = "graddot"
+    title = "Grad-Dot"
+    description = "dot product of the loss gradients"
     target = "loss"
 
-    def member(self, train, test, ctx: MemberContext) -> MemberResult:
-        return MemberResult(fb.inner(features_only(test), features_only(train)))
+    def factors(self, train: TrainFeatures, test: Features, ctx: MemberContext) -> MemberFactors:
+        if train.explicit_width is not None:
+            return MemberFactors(test.rows(0, test.n), "feature")
+        return MemberFactors(train.inner(test), "sample")  # exact factors: the kernel itself
 
-    def factors(self, train, test, ctx: MemberContext, block: int):
-        from etda.outofcore import MemberFactors, feature_key
-
-        feature_key(train)  # explicit features only
-        left = fb.matrix(features_only(test)).to(torch.float64)
-        return MemberFactors(left, train)
+    def diagonal(self, train: TrainFeatures, ctx: MemberContext) -> Diagonal:
+        return Diagonal(train.sq_norms())

@@ -4,7 +4,7 @@ Two solvers over the same features:
 
 * ``solver="eigen"`` (default, any model): ``H`` is the Gauss-Newton/empirical-Fisher
   matrix of the training loss gradients, ``H = Phi^T Phi / n``, in projected (or exact,
-  sample) space; one eigendecomposition serves every damping value.
+  sample) space; one factorization serves every damping value.
 * ``solver="cg"`` (small models): the exact Hessian of the mean training loss through
   Hessian-vector products and conjugate gradient, one solve per test example, in the
   full parameter space; needs flat features (projection ``identity`` or a flat projector).
@@ -16,13 +16,15 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad, jvp
 
-from etda.features import blocks as fb
-from etda.methods.base import MemberContext, MemberResult, Method, features_only
-from etda.methods.solve import DampedSystem, GramSystem, choose_damping
+from etda.features.blocks import Features, TrainFeatures
+from etda.methods.base import Diagonal, MemberContext, MemberFactors, Method
+from etda.methods.solve import DampedSystem, choose_damping
 
 
 class InfluenceFunction(Method):
     name = "if"
+    title = "IF"
+    description = "influence functions (Gauss-Newton eigen solve, or exact-Hessian CG)"
     target = "loss"
 
     def __init__(
@@ -35,53 +37,70 @@ class InfluenceFunction(Method):
     ) -> None:
         if solver not in ("eigen", "cg"):
             raise ValueError(f"solver must be 'eigen' or 'cg', got {solver!r}")
+        if solver == "cg" and (
+            isinstance(damping, bool) or not isinstance(damping, int | float) or damping <= 0
+        ):
+            raise ValueError("IF with solver='cg' needs a positive numeric damping (e.g. 1e-3)")
         self.damping, self.solver, self.form = damping, solver, form
         self.cg_iters, self.cg_tol = cg_iters, cg_tol
 
     def options(self) -> dict:
         return {"damping": self.damping, "solver": self.solver, "form": self.form}
 
-    def member(self, train, test, ctx: MemberContext) -> MemberResult:
-        if self.solver == "cg":
-            return self._cg(train, test, ctx)
-        system = DampedSystem(features_only(train), self.form)
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({"model"}) if self.solver == "cg" else frozenset()
+
+    @property
+    def streamable(self) -> bool:
+        return self.solver == "eigen" and self.damping != "gcv"
+
+    @property
+    def default_projection(self) -> str:
+        # CG works in the full parameter space: exact flat gradients unless told otherwise.
+        return "identity" if self.solver == "cg" else "auto"
+
+    @property
+    def has_diagonal(self) -> bool:
+        return self.solver == "eigen"
+
+    def _system(self, train: TrainFeatures):
+        system = DampedSystem(train, self.form)
         n = system.n
         # H = Phi^T Phi / n, so (H + lam I)^-1 = n (Phi^T Phi + n lam I)^-1.
-        d = choose_damping(system, self.damping, y=torch.as_tensor(train["q"][:, 0]), scale=n)
+        d = choose_damping(system, self.damping, y=train.q, scale=n)
         info = {"damping": {**d.to_dict(), "lam_H": d.lam / n}, "form": system.form}
-        return MemberResult(system.solve(features_only(test), d.lam, scale=n), info=info)
+        return system, d, info
 
-    def factors(self, train, test, ctx: MemberContext, block: int):
-        from etda.outofcore import MemberFactors, train_stats
-
+    def factors(self, train: TrainFeatures, test: Features, ctx: MemberContext) -> MemberFactors:
         if self.solver == "cg":
-            raise ValueError("IF solver='cg' has no out-of-core form; use solver='eigen'")
-        stats = train_stats(train, block)
-        n = train.n
-        system = GramSystem(stats.gram, n)
-        d = choose_damping(system, self.damping, scale=n)
-        left = system.left(fb.matrix(features_only(test)), d.lam, scale=n)
-        info = {"damping": {**d.to_dict(), "lam_H": d.lam / n}, "form": "feature (streamed)"}
-        return MemberFactors(left, train, info=info)
+            return self._cg(train, test, ctx)
+        system, d, info = self._system(train)
+        return MemberFactors(system.left(test, d.lam, scale=system.n), system.form, info=info)
 
-    def _cg(self, train, test, ctx: MemberContext) -> MemberResult:
+    def diagonal(self, train: TrainFeatures, ctx: MemberContext) -> Diagonal | None:
+        if self.solver == "cg":
+            return None
+        system, d, info = self._system(train)
+        return Diagonal(float(system.n) * system.diagonal(d.lam), info=info)
+
+    def _cg(self, train: TrainFeatures, test: Features, ctx: MemberContext) -> MemberFactors:
         fz = ctx.featurizer
         if fz is None or fz.flat_proj is None:
             raise ValueError(
                 "IF with solver='cg' needs a flat projection: projection='identity' (exact), "
                 "'gaussian', 'rademacher' or 'sparse'"
             )
-        if not isinstance(self.damping, int | float) or self.damping <= 0:
-            raise ValueError("IF with solver='cg' needs a positive numeric damping (e.g. 1e-3)")
-        from etda.features.capture import capture, flat_gradient
+        from etda.features.capture import capture, flat_gradient, set_example_index
+        from etda.features.service import TEST_INDEX_OFFSET
 
         model, task, names = ctx.model, ctx.task, ctx.params
         x, y = ctx.train_xy
         xt, yt = ctx.test_xy
-        _set_index(model, torch.arange(xt.shape[0]) + (1 << 40))
+        set_example_index(model, torch.arange(xt.shape[0]) + TEST_INDEX_OFFSET)
         cap = capture(model, task, "loss", xt, yt, fz.layers, fz.rest)
         test_g = flat_gradient(cap, fz.layers, fz.params, fz.shapes).to(torch.float64)
-        _set_index(model, torch.arange(x.shape[0]))  # training masks for the Hessian
+        set_example_index(model, torch.arange(x.shape[0]))  # training masks for the Hessian
         params = {n: p.detach() for n, p in model.named_parameters()}
         wrt = {n: params[n] for n in names}
         with torch.no_grad():
@@ -109,15 +128,8 @@ class InfluenceFunction(Method):
             [_cg(lambda v: hvp(v) + lam * v, row, self.cg_iters, self.cg_tol) for row in test_g]
         )
         left = fz.flat_proj(solved)  # same projection as the training features
-        right = torch.as_tensor(train["g" if "g" in train else "phi"]).to(torch.float64)
         info = {"damping": {"lam": lam, "rule": "fixed"}, "solver": "cg"}
-        return MemberResult(left @ right.T, info=info)
-
-
-def _set_index(model, index: Tensor) -> None:
-    for m in model.modules():
-        if hasattr(m, "set_index"):
-            m.set_index(index)
+        return MemberFactors(left, "feature", info=info)
 
 
 def _per_example(model) -> bool:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from etda.features import blocks as fb
+from etda.features.blocks import Features, TrainFeatures
 
 GRID = torch.logspace(-4, 2, 31, dtype=torch.float64)
 EXACT_GCV_MAX = 2048
@@ -63,25 +63,37 @@ class Damping:
 
 
 class DampedSystem:
-    """The training side of the damped solve, with kernel-vector products for GCV."""
+    """The damped training system of one member, in feature or sample space.
 
-    def __init__(self, train: Mapping[str, Tensor], form: str = "auto") -> None:
+    ``train`` is a feature view (:class:`etda.features.blocks.Features` in memory, or
+    :class:`~etda.features.blocks.StreamedFeatures` on disk: feature space only). ``left``
+    gives the test-side factor of ``phi_test (Phi^T Phi + lam I)^-1 Phi^T``, ``diagonal`` its
+    diagonal with test = train (self-influence), ``gcv`` the damping criterion's curve.
+    """
+
+    def __init__(self, train: TrainFeatures | Mapping[str, Tensor], form: str = "auto") -> None:
+        if isinstance(train, Mapping):  # feature blocks {name: (n, width)}
+            train = Features(train)
         self.train = train
-        self.n = next(iter(train.values())).shape[0]
-        k = fb.explicit_width(train)
+        self.n = train.n
+        k = train.explicit_width
         if form == "auto":
-            form = "feature" if k is not None and k <= self.n else "sample"
+            form = "feature" if k is not None and (k <= self.n or not train.in_memory) else "sample"
         if form not in ("feature", "sample"):
             raise ValueError(f"form must be 'auto', 'feature' or 'sample', got {form!r}")
         if form == "feature" and k is None:
             raise ValueError("the feature-space solve needs explicit (projected) features")
+        if form == "sample" and not train.in_memory:
+            raise ValueError(
+                "form='sample' needs the n x n kernel in memory; out of core solves in "
+                "feature space (form='auto' or 'feature')"
+            )
         self.form = form
         if form == "feature":
-            self.phi = fb.matrix(train).to(torch.float64)
-            self.gram = self.phi.T @ self.phi  # (k, k)
+            self.gram = train.gram()  # (k, k)
             self.trace = float(self.gram.diagonal().sum())
         else:
-            self.kmat = fb.inner(train, train)  # (n, n)
+            self.kmat = train.inner(train)  # (n, n)
             self.trace = float(self.kmat.diagonal().sum())
         self.dim = min(self.n, k) if k is not None else self.n
 
@@ -90,23 +102,54 @@ class DampedSystem:
         """``tr(K) / min(n, k)``: the mean eigenvalue, the unit of relative damping."""
         return self.trace / self.dim
 
-    def matvec(self, v: Tensor) -> Tensor:
-        """``K v`` for ``v (n, r)``."""
-        return self.phi @ (self.phi.T @ v) if self.form == "feature" else self.kmat @ v
+    def _factor(self, lam: float) -> Tensor:
+        a = (self.gram if self.form == "feature" else self.kmat).clone()
+        a.diagonal().add_(lam)
+        return _cholesky(a)
 
-    def solve(self, test: Mapping[str, Tensor], lam: float, scale: float = 1.0) -> Tensor:
-        """``scale * phi_test (Phi^T Phi + lam I)^-1 Phi^T``: ``(n_test, n_train)``."""
+    def left(self, test: Features, lam: float, scale: float = 1.0) -> Tensor:
+        """The test-side factor: ``scale * phi_test (Phi^T Phi + lam I)^-1`` ``(n_test, k)``
+        in feature space; ``scale * K_test,train (K + lam I)^-1`` ``(n_test, n)`` in sample
+        space. Either way ``tau = left @ Phi^T`` (feature) or ``tau = left`` (sample)."""
+        chol = self._factor(lam)
         if self.form == "feature":
-            a = self.gram.clone()
-            a.diagonal().add_(lam)
-            chol = _cholesky(a)
-            right = torch.cholesky_solve(self.phi.T, chol)  # (k, n)
-            return scale * (fb.matrix(test).to(torch.float64) @ right)
+            return scale * torch.cholesky_solve(test.matrix().to(torch.float64).T, chol).T
+        cross = self.train.inner(test)  # (m, n)
+        return scale * torch.cholesky_solve(cross.T, chol).T
+
+    def diagonal(self, lam: float) -> Tensor:
+        """``diag(Phi (Phi^T Phi + lam I)^-1 Phi^T)`` ``(n,)`` without the ``n x n`` result."""
+        if self.form == "feature":
+            chol = self._factor(lam)
+            out = torch.empty(self.n, dtype=torch.float64)
+            for lo, hi in self.train.ranges():
+                phi = self.train.rows(lo, hi)
+                right = torch.cholesky_solve(phi.T, chol)  # (k, rows)
+                out[lo:hi] = (phi * right.T).sum(1)
+            return out
         a = self.kmat.clone()
         a.diagonal().add_(lam)
-        chol = _cholesky(a)
-        cross = fb.inner(test, self.train)  # (m, n)
-        return scale * torch.cholesky_solve(cross.T, chol).T
+        chol = _cholesky(a)  # may add jitter to a's diagonal in place
+        shift = float((a.diagonal() - self.kmat.diagonal()).mean())
+        # K (K + s I)^-1 = I - s (K + s I)^-1: one triangular inverse instead of an n x n solve.
+        return 1.0 - shift * torch.cholesky_inverse(chol).diagonal()
+
+    def _phi(self) -> Tensor:
+        if not self.train.in_memory:
+            raise ValueError(
+                "damping='gcv' is not available for out-of-core scoring; use 'auto', "
+                "'trace:C' or a number"
+            )
+        if not hasattr(self, "_phi_cache"):
+            self._phi_cache = self.train.rows(0, self.n)
+        return self._phi_cache
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``K v`` for ``v (n, r)``."""
+        if self.form == "feature":
+            phi = self._phi()
+            return phi @ (phi.T @ v)
+        return self.kmat @ v
 
     def gcv(
         self, y: Tensor, lams: Tensor, steps: int = 80, probes: int = 16, seed: int = 0
@@ -128,10 +171,11 @@ class DampedSystem:
         """GCV from an eigendecomposition of the smaller Gram matrix (reference)."""
         y = y.to(torch.float64)
         if self.form == "feature":
+            phi = self._phi()
             s, v = torch.linalg.eigh(self.gram)
             s = s.clamp_min(0)
             nz = s > s.max() * 1e-12
-            by = (self.phi @ v[:, nz]).T @ y / s[nz].sqrt()
+            by = (phi @ v[:, nz]).T @ y / s[nz].sqrt()
             s = s[nz]
             outside = max(float(y @ y) - float(by @ by), 0.0)
             extra = self.n - int(nz.sum())  # directions with eigenvalue 0
@@ -142,35 +186,6 @@ class DampedSystem:
         shrink = lams[:, None] / (s[None, :] + lams[:, None])
         rss = (shrink**2 * by[None, :] ** 2).sum(1) + outside
         return self.n * rss / (shrink.sum(1) + extra) ** 2
-
-
-class GramSystem:
-    """The feature-space system from a streamed Gram matrix ``Phi^T Phi`` (out-of-core
-    scoring): the same damping rules (except GCV) and solve as :class:`DampedSystem`."""
-
-    form = "feature"
-
-    def __init__(self, gram: Tensor, n: int) -> None:
-        self.gram, self.n = gram, n
-        self.trace = float(gram.diagonal().sum())
-        self.dim = min(n, gram.shape[0])
-
-    @property
-    def base(self) -> float:
-        return self.trace / self.dim
-
-    def gcv(self, *args: object, **kwargs: object) -> Tensor:
-        raise ValueError(
-            "damping='gcv' is not available for out-of-core scoring; use 'auto', 'trace:C' "
-            "or a number"
-        )
-
-    def left(self, test_phi: Tensor, lam: float, scale: float = 1.0) -> Tensor:
-        """``scale * phi_test (Phi^T Phi + lam I)^-1``: ``(n_test, k)``."""
-        a = self.gram.clone()
-        a.diagonal().add_(lam)
-        chol = _cholesky(a)
-        return scale * torch.cholesky_solve(test_phi.to(torch.float64).T, chol).T
 
 
 def _cholesky(a: Tensor) -> Tensor:
@@ -223,7 +238,7 @@ def _quadrature(
 
 
 def choose_damping(
-    system: DampedSystem | GramSystem,
+    system: DampedSystem,
     damping: float | str,
     y: Tensor | None = None,
     scale: float = 1.0,

@@ -1,17 +1,26 @@
 """TracIn: ``tau_i(z) = sum_t eta_t grad L(z; theta_t) . grad L(z_i; theta_t)``.
 
-The engine featurizes each member at every checkpoint ``theta_t`` and sums the per-
-checkpoint Grad-Dot scores with the learning-rate weights ``eta_t``.
+A member expands into one sub-member per checkpoint ``theta_t`` (its weights replaced by the
+checkpoint's), weighted by the learning rate ``eta_t``; each is scored as Grad-Dot and the
+engine sums them with their weights.
 """
 
 from __future__ import annotations
 
-from etda.methods.base import Method
+from etda.methods.base import Checkpoint
 from etda.methods.graddot import GradDot
 
 
 class TracIn(GradDot):
     name = "tracin"
-    uses_checkpoints = True
+    title = "TracIn"
+    description = "Grad-Dot summed over training checkpoints, weighted by learning rate"
+    needs = frozenset({"checkpoints"})
 
-    factors = Method.factors  # checkpoints: no out-of-core form
+    def expand(self, checkpoints: list[Checkpoint] | None) -> list[tuple[dict | None, float]]:
+        if not checkpoints:
+            raise ValueError(
+                "method 'tracin' needs checkpoints=[...] (and checkpoint_lrs), or an ensemble "
+                "that provides them (e.g. etda.LoRA)"
+            )
+        return [(state, float(lr)) for state, lr in checkpoints]

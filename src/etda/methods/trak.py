@@ -8,17 +8,17 @@ smaller; with projection ``"none"`` it is exact (no projection error).
 
 from __future__ import annotations
 
-import torch
-
-from etda.features import blocks as fb
-from etda.methods.base import MemberContext, MemberResult, Method, features_only
-from etda.methods.solve import DampedSystem, GramSystem, choose_damping
+from etda.features.blocks import Features, TrainFeatures
+from etda.methods.base import Diagonal, KernelTimesMeanQ, MemberContext, MemberFactors, Method
+from etda.methods.solve import DampedSystem, choose_damping
 
 
 class TRAK(Method):
     name = "trak"
+    title = "TRAK"
+    description = "projected-gradient kernel regression of the margin (Park et al., 2023)"
     target = "output"
-    combine = "trak"
+    combine = KernelTimesMeanQ()
 
     def __init__(self, damping: float | str = "auto", form: str = "auto") -> None:
         self.damping, self.form = damping, form
@@ -26,19 +26,20 @@ class TRAK(Method):
     def options(self) -> dict:
         return {"damping": self.damping, "form": self.form}
 
-    def member(self, train, test, ctx: MemberContext) -> MemberResult:
-        system = DampedSystem(features_only(train), self.form)
-        d = choose_damping(system, self.damping, y=torch.as_tensor(train["q"][:, 0]))
-        values = system.solve(features_only(test), d.lam)
+    @property
+    def streamable(self) -> bool:
+        return self.damping != "gcv"
+
+    def _system(self, train: TrainFeatures):
+        system = DampedSystem(train, self.form)
+        return system, choose_damping(system, self.damping, y=train.q)
+
+    def factors(self, train: TrainFeatures, test: Features, ctx: MemberContext) -> MemberFactors:
+        system, d = self._system(train)
         info = {"damping": d.to_dict(), "form": system.form}
-        return MemberResult(values, q=torch.as_tensor(train["q"][:, 0]).double(), info=info)
+        return MemberFactors(system.left(test, d.lam), system.form, q=train.q, info=info)
 
-    def factors(self, train, test, ctx: MemberContext, block: int):
-        from etda.outofcore import MemberFactors, train_stats
-
-        stats = train_stats(train, block)
-        system = GramSystem(stats.gram, train.n)
-        d = choose_damping(system, self.damping)
-        left = system.left(fb.matrix(features_only(test)), d.lam)
-        info = {"damping": d.to_dict(), "form": "feature (streamed)"}
-        return MemberFactors(left, train, q=stats.q, info=info)
+    def diagonal(self, train: TrainFeatures, ctx: MemberContext) -> Diagonal:
+        system, d = self._system(train)
+        info = {"damping": d.to_dict(), "form": system.form}
+        return Diagonal(system.diagonal(d.lam), q=train.q, info=info)

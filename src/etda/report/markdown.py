@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from etda.cost import human_bytes
+from etda.io import human_bytes
 from etda.report import equal_lds_ratios, naive_curve, records
 
 BOUND = {"interpolated": "", "below": "≥ ", "above": "≤ "}

@@ -1,0 +1,247 @@
+"""The featurization service: one member's model -> its features on the training and test sets.
+
+It owns everything between a member and its feature views: the featurizer (from the run's
+projection and the member's seed), the stores (opened, validated against what produced them,
+resumed), the rows still missing (computed chunk by chunk, with example indices for
+per-example randomness), and the member tags that name store folders. The engine asks it for
+a member's features; executors (local processes, Ray) only run its shard jobs
+(``etda.features.distributed``), so every path computes the same rows the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from etda._version import __version__
+from etda.cost import Costs, timer
+from etda.features.blocks import Features, StreamedFeatures, TrainFeatures
+from etda.features.capture import set_example_index
+from etda.features.featurize import FeatureSpec, Featurizer, check_finite
+from etda.features.store import FeatureStore, SplitStore
+from etda.task import ParamSelector, Task, select_parameters
+
+TEST_INDEX_OFFSET = 1 << 40  # test examples get their own keys for per-example masks
+
+
+def member_tag(i: int) -> str:
+    """The store folder of member ``i`` (members sharing features use the first one's)."""
+    return f"member-{i:03d}"
+
+
+def fingerprint(*tensors: Tensor) -> str:
+    """A short content hash of tensors (shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of a model's weights and of its leaf modules' settings (masks and adapters
+    change the function, not just the weights)."""
+    h = hashlib.sha256()
+    for n, t in sorted(model.state_dict().items()):
+        h.update(n.encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    for m in model.modules():
+        if m is not model and not list(m.children()):
+            h.update(m.extra_repr().encode())
+    return h.hexdigest()[:24]
+
+
+def cast_inputs(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Floating inputs follow the model's dtype; integer inputs (tokens) stay as they are."""
+    return x.to(dtype) if x.is_floating_point() else x
+
+
+def compute_rows(
+    model: nn.Module,
+    fz: Featurizer,
+    x: Tensor,
+    y: Tensor,
+    lo: int,
+    hi: int,
+    offset: int,
+    dtype: torch.dtype,
+    what: str,
+) -> dict[str, Tensor]:
+    """Feature blocks of examples ``[lo, hi)`` (per-example masks keyed by ``offset + i``)."""
+    index = torch.arange(lo, hi) + offset
+    set_example_index(model, index)
+    blocks = fz(cast_inputs(x[lo:hi], dtype), y[lo:hi])
+    check_finite(blocks, index - offset, what)
+    return blocks
+
+
+@dataclass(frozen=True)
+class Split:
+    """A dataset split as the service sees it: inputs, targets and the offset of its example
+    keys (training examples 0.., test examples ``TEST_INDEX_OFFSET``..)."""
+
+    name: str
+    x: Tensor
+    y: Tensor
+    offset: int
+
+    @property
+    def n(self) -> int:
+        return int(self.x.shape[0])
+
+
+@dataclass
+class FeatureRequest:
+    """What to featurize: a member's model, its parameter selection, projection seed and tag."""
+
+    model: nn.Module
+    seed: int
+    tag: str
+    params: ParamSelector = "all"  # "all": the run's parameter selection
+
+
+class FeatureService:
+    """Features of ensemble members on one run's training and test sets (see the module doc).
+
+    ``projection``/``proj_dim``/``target``/``dtype`` fix the featurizer of every member (its
+    seed varies); ``store``: where features live (``FeatureStore(None)``: in memory);
+    ``chunk_size``: rows per featurizer call, and the unit of resumption.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        train: Split,
+        test: Split,
+        store: FeatureStore,
+        *,
+        projection: str,
+        proj_dim: int,
+        target: str,
+        dtype: str,
+        chunk_size: int,
+        storage: str = "float32",
+        params: ParamSelector = "all",
+        use_hooks: bool = True,
+        progress: bool = False,
+        fwd_flops: float = 0.0,
+    ) -> None:
+        self.task, self.train, self.test, self.store = task, train, test, store
+        self.projection, self.proj_dim, self.target = projection, proj_dim, target
+        self.dtype, self.torch_dtype = dtype, getattr(torch, dtype)
+        self.chunk_size, self.storage, self.params = chunk_size, storage, params
+        self.use_hooks, self.progress, self.fwd_flops = use_hooks, progress, fwd_flops
+
+    def spec(self, seed: int) -> FeatureSpec:
+        return FeatureSpec(self.projection, self.proj_dim, seed, self.target, self.dtype)
+
+    def featurizer(self, req: FeatureRequest) -> tuple[Featurizer, dict]:
+        """The member's featurizer and the metadata its stores are validated against."""
+        params = select_parameters(req.model, self.params if req.params == "all" else req.params)
+        spec = self.spec(req.seed)
+        probe = (self.train.x, self.train.y)
+        fz = Featurizer(req.model, self.task, params, spec, probe, use_hooks=self.use_hooks)
+        meta = {
+            "etda_version": __version__,
+            "weights": model_fingerprint(req.model),
+            "params": hashlib.sha256("|".join(params).encode()).hexdigest()[:16],
+            "spec": spec.to_dict(),
+            "task": self.task.name,
+            "hooks": self.use_hooks,
+        }
+        return fz, meta
+
+    def split(self, name: str) -> Split:
+        return self.train if name == "train" else self.test
+
+    def open(self, fz: Featurizer, meta: dict, tag: str, split: Split) -> SplitStore:
+        """Open (resume, validate) the store of one member's split."""
+        return self.store.split(
+            tag,
+            split.name,
+            {**meta, "data": fingerprint(split.x, split.y)},
+            split.n,
+            fz.widths(),
+            fz.spec.torch_dtype,
+            self.storage,
+        )
+
+    def fill(
+        self, st: SplitStore, fz: Featurizer, model: nn.Module, split: Split, what: str
+    ) -> None:
+        """Compute the rows the store is missing, chunk by chunk."""
+        todo = list(st.missing(self.chunk_size))
+        bar = tqdm(
+            total=sum(hi - lo for lo, hi in todo),
+            desc=what,
+            unit="ex",
+            leave=False,
+            disable=not self.progress,
+        )
+        for lo, hi in todo:
+            rows = compute_rows(
+                model, fz, split.x, split.y, lo, hi, split.offset, self.torch_dtype, what
+            )
+            st.write(lo, hi, rows)
+            bar.update(hi - lo)
+        bar.close()
+
+    def featurize(
+        self,
+        req: FeatureRequest,
+        costs: Costs,
+        stream_block: int | None = None,
+        splits: tuple[str, ...] = ("train", "test"),
+    ) -> tuple[TrainFeatures, Features | None, Featurizer]:
+        """Fill the member's stores (only missing rows) and return its views: the training
+        features (in memory, or streamed ``stream_block`` rows at a time from the store) and
+        the test features (None when ``splits`` leaves the test set out)."""
+        fz, meta = self.featurizer(req)
+        views: dict[str, Any] = {}
+        n = 0
+        for name in splits:
+            split = self.split(name)
+            with timer(costs, f"featurize_{name}_s"):
+                st = self.open(fz, meta, req.tag, split)
+                self.fill(st, fz, req.model, split, f"{req.tag} {name}")
+                streamed = name == "train" and stream_block is not None
+                views[name] = (
+                    StreamedFeatures(st, stream_block) if streamed else Features(st.load())
+                )
+            costs.feature_bytes += st.feature_nbytes()
+            n += split.n
+        costs.flops += 3 * self.fwd_flops * n
+        return views["train"], views.get("test"), fz
+
+    def q_term(self, model: nn.Module) -> Tensor:
+        """TRAK's Q of the training set under ``model`` (forward passes only), float64."""
+        qs = []
+        x, y = self.train.x, self.train.y
+        with torch.no_grad():
+            for lo in range(0, x.shape[0], self.chunk_size):
+                hi = min(lo + self.chunk_size, x.shape[0])
+                set_example_index(model, torch.arange(lo, hi))
+                out = model(cast_inputs(x[lo:hi], self.torch_dtype))
+                qs.append(self.task.q(out, y[lo:hi]))
+        return torch.cat(qs).to(torch.float64)
+
+
+def load_checkpoint(model: nn.Module, state: dict | nn.Module) -> nn.Module:
+    """A copy of ``model`` with the weights of ``state`` (a state dict or a module)."""
+    state = state.state_dict() if isinstance(state, nn.Module) else state
+    m = copy.deepcopy(model)
+    names = {n for n, _ in m.named_parameters()}
+    missing = sorted(names - set(state))
+    if missing:
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}")
+    try:
+        m.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint does not match the model: {e}") from e
+    return m.to(next(model.parameters()).dtype)

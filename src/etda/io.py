@@ -17,10 +17,11 @@ from typing import BinaryIO
 Writer = bytes | str | Callable[[BinaryIO], None]
 
 
-def atomic_write(path: str | os.PathLike, data: Writer) -> Path:
+def atomic_write(path: str | os.PathLike, data: Writer, mode: int | None = None) -> Path:
     """Write ``data`` (bytes, text, or a function writing to a binary file) to ``path``
     through a temporary file in the same folder renamed into place: readers see the old
-    file or the new one, never half of one, and a failure leaves nothing behind."""
+    file or the new one, never half of one, and a failure leaves nothing behind.
+    ``mode``: file permissions (e.g. ``0o644`` for a shared cache; default: private)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
@@ -30,6 +31,8 @@ def atomic_write(path: str | os.PathLike, data: Writer) -> Path:
                 data(f)
             else:
                 f.write(data.encode() if isinstance(data, str) else data)
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

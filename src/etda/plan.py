@@ -353,7 +353,7 @@ def load_records(
 
     Returns (records, the files read, the first file's ``setting`` block).
     """
-    from etda.bench.runner import load_results
+    from etda.bench.results import load_results
 
     if results is None:
         paths = default_results(setting)
@@ -543,7 +543,8 @@ def build_candidates(
         cost = naive_cost if family == "naive" and naive_cost else _cost_fit(family, rs, naive_cost)
         cost_fits.append(cost)
         ref = rs[0]
-        max_m = epochs if ref["ensemble"] == "checkpoints" else None
+        kind = ENSEMBLES.get(ref["ensemble"])
+        max_m = epochs if kind is not None and kind.cls.members_are_checkpoints else None
         for fit, pts in family_fits:
             fits.append(fit)
             for size in _grid(fit, max_m):

@@ -6,16 +6,17 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+from etda.io import atomic_write
 from etda.task import Task
 
 OPTIMIZERS = ("sgd", "adam")
@@ -183,6 +184,24 @@ def _batches(perm: Tensor, batch_size: int) -> list[Tensor]:
     return batches
 
 
+def _checkpoint_epochs(epochs: Sequence[int], total: int) -> list[int]:
+    ckpt = sorted(set(int(e) for e in epochs))
+    if ckpt and (ckpt[0] < 0 or ckpt[-1] > total):
+        raise ValueError(
+            f"checkpoint_epochs={list(epochs)} must lie in [0, {total}] "
+            "(0 = initial weights, e = after epoch e)"
+        )
+    return ckpt
+
+
+def _optimizer(params: list[nn.Parameter], recipe: TrainRecipe) -> torch.optim.Optimizer:
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+        )
+    return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
 def train_model(
     model: nn.Module,
     x: Tensor,
@@ -207,24 +226,13 @@ def train_model(
     """
     task_name = _task_name(task, y)
     _validate_xy(model, x, y, task_name)
-    ckpt = sorted(set(int(e) for e in checkpoint_epochs))
-    if ckpt and (ckpt[0] < 0 or ckpt[-1] > recipe.epochs):
-        raise ValueError(
-            f"checkpoint_epochs={list(checkpoint_epochs)} must lie in [0, {recipe.epochs}] "
-            "(0 = initial weights, e = after epoch e)"
-        )
+    ckpt = _checkpoint_epochs(checkpoint_epochs, recipe.epochs)
     device = _device(model)
     x, y = x.to(device), y.to(device=device, dtype=torch.long)
     n = x.shape[0]
     steps_per_epoch = len(_batches(torch.arange(n), recipe.batch_size))
     total_steps = steps_per_epoch * recipe.epochs
-    params = [p for p in model.parameters() if p.requires_grad]
-    if recipe.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
-        )
-    else:
-        opt = torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    opt = _optimizer([p for p in model.parameters() if p.requires_grad], recipe)
     gen = torch.Generator().manual_seed(seed)
     checkpoints: list[dict[str, Tensor]] = []
     checkpoint_lrs: list[float] = []
@@ -280,18 +288,7 @@ def save_weights(
     """Save a model's state_dict (or a state dict) to ``path`` as safetensors, atomically."""
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, path)  # never leave a half-written weights file behind
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, safetensors_bytes(tensors))  # never a half-written weights file
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:

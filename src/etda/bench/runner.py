@@ -19,11 +19,9 @@ K trainings plus adapters), whether or not this run trained them.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -31,11 +29,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from etda import __version__
+from etda.bench.results import load_results, save_results
 from etda.bench.sweeps import BenchConfig, MislabelConfig, Sweep, VarianceConfig, get_sweep
+from etda.ensemble import ENSEMBLES
 from etda.evaluate.lds import GroundTruth, LDSConfig, lds
 from etda.experiment import build_ground_truth, damping_summary, run_attribution
 from etda.settings import Setting, get_setting
@@ -50,44 +49,6 @@ def default_out(setting: str, quick: bool) -> Path:
 
 
 # ----------------------------------------------------------------------- results file
-
-
-def load_results(path: str | os.PathLike) -> dict:
-    """``results.json`` from a results folder (or the file itself)."""
-    path = Path(path)
-    path = path / "results.json" if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"no results.json at {path}; run `etda bench` first")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise ValueError(
-            f"{path} is not valid JSON ({exc}); delete it or rerun with --force"
-        ) from exc
-
-
-def save_results(results: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(results, indent=1, default=_json_default)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, out / "results.json")
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
 def _fresh(setting: Setting, fingerprint: str, lds_config: LDSConfig, sweep: Sweep) -> dict:
@@ -222,12 +183,16 @@ def run_config(
     }
 
 
-def _best_dropout(results: dict, method: str) -> dict | None:
+def _best_of(results: dict, method: str, preset: str) -> dict | None:
+    """The one-model configuration of ``method`` with the best LDS among the presets of the
+    same ensemble class as ``preset`` (``"best-dropout"``: every dropout preset)."""
+    cls = ENSEMBLES.get_entry(preset).cls
     cands = [
         r
         for r in results["configs"].values()
         if r["method"] == method
-        and r["ensemble"] in ("dropout", "dropout-per-example", "dropout-forward")
+        and r["ensemble"] in ENSEMBLES
+        and ENSEMBLES[r["ensemble"]].cls is cls
         and r["models"] == 1
         and math.isfinite(r["lds"]["mean"])
     ]
@@ -240,10 +205,11 @@ def run_mislabel_config(
     from etda.evaluate.mislabel import run_mislabel
 
     ensemble, members, p = mc.ensemble, mc.members, mc.p
-    if ensemble == "best-dropout":
-        best = _best_dropout(results, mc.method)
+    if ensemble.startswith("best-"):
+        family = ensemble.removeprefix("best-")
+        best = _best_of(results, mc.method, family)
         if best is None:
-            return None, f"no dropout configuration of {mc.method} in the results"
+            return None, f"no {family} configuration of {mc.method} in the results"
         ensemble, members, p = best["ensemble"], best["m"], best["p"]
     from etda.evaluate.mislabel import noisy_setting
     from etda.experiment import make_ensemble
@@ -271,8 +237,8 @@ def run_mislabel_config(
     label = f"{mc.method} " + (
         f"naive {mc.models}" if ensemble == "none" else f"{ensemble} {members or ''}".strip()
     )
-    if mc.ensemble == "best-dropout":
-        label += " (best dropout)"
+    if mc.ensemble.startswith("best-"):
+        label += f" (best {mc.ensemble.removeprefix('best-')})"
     if mc.note:
         label += f" [{mc.note}: dropout {mc.dropout:g}, {rep['epochs']} epochs]"
     rep.update(key=mc.key, label=label, note=mc.note, p=p, members=members)
@@ -296,7 +262,7 @@ def run_variance(
         ens, _ = make_ensemble(kind, vc.members).for_model(setting.make_model(0), adapt=True)
         p = getattr(ens, "p", None)
     except ValueError:
-        kind = "lora"  # members cannot be made from this model: the adapters are the cheap ones
+        kind = vc.fallback  # members cannot be made from this model: the sweep's second choice
     t0 = time.perf_counter()
     tms = trained_models(setting, vc.models, model_dir, progress=progress)
     ens = make_ensemble(kind, vc.members, p=p)

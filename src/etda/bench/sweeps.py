@@ -138,6 +138,7 @@ class VarianceConfig:
     members: int = 5
     predict_models: tuple[int, ...] = (1, 2, 3, 5, 10)
     predict_members: tuple[int, ...] = (1, 2, 3, 5, 10, 20, 50)
+    fallback: str = "lora"  # the kind used when the model cannot make ``ensemble``'s members
 
     @property
     def key(self) -> str:

@@ -31,7 +31,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ import torch
 from torch import Tensor
 
 from etda.data.bundle import DataBundle, _check_size
+from etda.io import atomic_write
 
 KJV_ENV = "ETDA_TEXT_CACHE"  # directory of the decoded-text cache (default: runs/text-cache)
 KJV_RANGE = "gen1:1-rev22:21"
@@ -110,17 +110,7 @@ def _parse(raw: str) -> list[tuple[str, str]]:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".txt")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, text, mode=0o644)  # the cache is shared
 
 
 @functools.lru_cache(maxsize=4)

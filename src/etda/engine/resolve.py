@@ -112,15 +112,7 @@ def resolve(
     mode: str = "attribute",
 ) -> RunPlan:
     """Make every automatic decision of a run (see the module doc)."""
-    models = [models] if isinstance(models, nn.Module) else list(models)
-    if not models or not all(isinstance(m, nn.Module) for m in models):
-        raise TypeError("models must be a torch.nn.Module or a non-empty list of them")
-    ensemble = Independent() if ensemble is None else ensemble
-    if not isinstance(ensemble, Ensemble):
-        raise TypeError(
-            f"ensemble must be an etda ensemble (etda.Dropout(...), etda.LoRA(...), ...) or "
-            f"None, got {type(ensemble).__name__}"
-        )
+    models, ensemble = _checked(models, ensemble)
     x_train, y_train = as_tensors(train, "train")
     x_test, y_test = as_tensors(test, "test")
     task = config.task or default_task(y_train)
@@ -141,16 +133,7 @@ def resolve(
         )
     if out_of_core:
         compat.check_out_of_core(method, projection)
-    store = config.store
-    if config.executor != "inprocess" and isinstance(store, FeatureStore) and store.root is None:
-        raise ValueError(
-            f"executor {config.executor!r} writes features to disk: pass a store directory"
-        )
-    tmp = None
-    if (out_of_core or config.executor != "inprocess") and store is None:
-        tmp = tempfile.TemporaryDirectory(prefix="etda-features-")
-        store = tmp.name
-    store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    store, tmp = _open_store(config, bool(out_of_core))
     probe_model = copy.deepcopy(models[0]).eval()
     service = FeatureService(
         task,
@@ -185,6 +168,39 @@ def resolve(
         mode,
         tmp,
     )
+
+
+def _checked(
+    models: nn.Module | list[nn.Module], ensemble: Ensemble | None
+) -> tuple[list[nn.Module], Ensemble]:
+    """The models as a list and the ensemble (``None``: independent), or a TypeError."""
+    models = [models] if isinstance(models, nn.Module) else list(models)
+    if not models or not all(isinstance(m, nn.Module) for m in models):
+        raise TypeError("models must be a torch.nn.Module or a non-empty list of them")
+    ensemble = Independent() if ensemble is None else ensemble
+    if not isinstance(ensemble, Ensemble):
+        raise TypeError(
+            f"ensemble must be an etda ensemble (etda.Dropout(...), etda.LoRA(...), ...) or "
+            f"None, got {type(ensemble).__name__}"
+        )
+    return models, ensemble
+
+
+def _open_store(
+    config: AttributeConfig, out_of_core: bool
+) -> tuple[FeatureStore, tempfile.TemporaryDirectory | None]:
+    """The run's feature store: the user's, or a temporary folder when features must go to
+    disk (out of core, or featurized on workers) and none was given; in memory otherwise."""
+    store = config.store
+    if config.executor != "inprocess" and isinstance(store, FeatureStore) and store.root is None:
+        raise ValueError(
+            f"executor {config.executor!r} writes features to disk: pass a store directory"
+        )
+    tmp = None
+    if (out_of_core or config.executor != "inprocess") and store is None:
+        tmp = tempfile.TemporaryDirectory(prefix="etda-features-")
+        store = tmp.name
+    return (store if isinstance(store, FeatureStore) else FeatureStore(store)), tmp
 
 
 def _dtype(model: nn.Module) -> torch.dtype:

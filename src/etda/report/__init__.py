@@ -23,6 +23,13 @@ import numpy as np
 COSTS: dict[str, str] = {"train_s": "training time", "serve_s": "serving time", "bytes": "space"}
 
 
+def method_title(method: str) -> str:
+    """How reports print a registered method (its ``title``, e.g. ``"TRAK"``)."""
+    from etda.methods import METHODS
+
+    return METHODS[method].title if method in METHODS else method
+
+
 def records(results: dict) -> list[dict]:
     """The configuration records with a finite LDS, in sweep order."""
     return [r for r in results.get("configs", {}).values() if _finite(r["lds"]["mean"])]
@@ -124,7 +131,7 @@ def equal_lds_ratios(results: dict, costs: Sequence[str] = tuple(COSTS)) -> list
 
 def write_report(results_dir: str | os.PathLike) -> list[Path]:
     """Write ``report.md`` and the PNG figures next to ``results.json``; the paths written."""
-    from etda.bench.runner import load_results
+    from etda.bench.results import load_results
     from etda.report import markdown, plots
 
     folder = Path(results_dir)

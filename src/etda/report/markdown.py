@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from etda.io import human_bytes
-from etda.report import equal_lds_ratios, naive_curve, records
+from etda.report import equal_lds_ratios, method_title, naive_curve, records
 
 BOUND = {"interpolated": "", "below": "≥ ", "above": "≤ "}
 
@@ -27,9 +27,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _name(method: str) -> str:
-    return {"trak": "TRAK", "graddot": "Grad-Dot", "gradcos": "Grad-Cos", "if": "IF"}.get(
-        method, method
-    )
+    return method_title(method)
 
 
 def render(results: dict, figures: dict[str, str]) -> str:

@@ -11,31 +11,28 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from etda.report import COSTS, naive_curve, pareto_front, records
+from etda.ensemble import ENSEMBLES
+from etda.methods import METHODS
+from etda.report import COSTS, method_title, naive_curve, pareto_front, records
 
-METHOD_COLORS = {"trak": "C0", "graddot": "C1", "gradcos": "C2", "if": "C3", "tracin": "C4"}
-FAMILY_MARKERS = {
-    "naive": "o",
-    "dropout": "s",
-    "dropout-per-example": "D",
-    "dropout-forward": "^",
-    "lora": "P",
-    "projection-seeds": "X",
-    "checkpoints": "v",
-}
-METHOD_NAMES = {"trak": "TRAK", "graddot": "Grad-Dot", "gradcos": "Grad-Cos", "if": "IF"}
+MARKERS = "osD^PXvhp<>d"  # one per ensemble preset, in registry order
 
 
 def _color(method: str) -> str:
-    return METHOD_COLORS.get(method, "C7")
+    """One matplotlib cycle colour per registered method (grey for an unknown one)."""
+    return f"C{list(METHODS).index(method) % 10}" if method in METHODS else "C7"
 
 
 def _marker(family: str) -> str:
-    return "*" if family.startswith("hybrid") else FAMILY_MARKERS.get(family, "o")
+    if family.startswith("hybrid"):
+        return "*"
+    kinds = list(ENSEMBLES)
+    kind = "none" if family == "naive" else family
+    return MARKERS[kinds.index(kind) % len(MARKERS)] if kind in kinds else "o"
 
 
 def _name(method: str) -> str:
-    return METHOD_NAMES.get(method, method)
+    return method_title(method)
 
 
 def pareto_plot(results: dict, cost: str, path: Path) -> Path:

@@ -26,6 +26,7 @@ from etda.experiment import (
     run_attribution,
     set_threads,
 )
+from etda.features.curvature import CURVATURES, FISHERS
 from etda.io import fmt_seconds, human_bytes, parse_seconds, parse_size
 from etda.methods import METHODS, method_takes
 from etda.parallel import EXECUTORS
@@ -90,6 +91,14 @@ def _projection_cb(value: str) -> str:
 
 def _executor_cb(value: str) -> str:
     return _choice(value, EXECUTORS, "executor")  # type: ignore[return-value]
+
+
+def _curvature_cb(value: str) -> str:
+    return _choice(value, ("gram", *CURVATURES), "curvature")  # type: ignore[return-value]
+
+
+def _fisher_cb(value: str) -> str:
+    return _choice(value, FISHERS, "fisher")  # type: ignore[return-value]
 
 
 def _positive_cb(value: int | None) -> int | None:
@@ -270,6 +279,21 @@ def attribute(
             help="TRAK/IF damping: auto (spectral mean) | gcv | FLOAT | trace:C (C x auto).",
         ),
     ] = None,
+    curvature: Annotated[
+        str,
+        typer.Option(
+            callback=_curvature_cb,
+            help="IF curvature: gram (exact Gram solve) | kfac | ekfac (Kronecker-factored "
+            "Fisher, fitted per member).",
+        ),
+    ] = "gram",
+    fisher: Annotated[
+        str,
+        typer.Option(
+            callback=_fisher_cb,
+            help="K-FAC/EK-FAC Fisher: sampled (labels drawn from the model) | empirical.",
+        ),
+    ] = "sampled",
     seed: Annotated[int, typer.Option(help="Seed of projections, masks and adapters.")] = 0,
     out: Annotated[
         Path | None,
@@ -330,6 +354,13 @@ def attribute(
     """Attribute a setting's test predictions to its training examples; print costs and LDS."""
     if damping is not None and not method_takes(method, "damping"):
         raise typer.BadParameter(f"method {method!r} has no damping", param_hint="--damping")
+    method_options = {}
+    if curvature != "gram" or fisher != "sampled":
+        if not method_takes(method, "curvature"):
+            raise typer.BadParameter(
+                f"method {method!r} has no curvature option (use -m if)", param_hint="--curvature"
+            )
+        method_options = {"curvature": curvature, "fisher": fisher}
     lds_config = _lds_config(n_subsets, fraction, seeds_per_subset) if lds_on else None
     out = out or default_out_dir(setting, method, ensemble, models, members, seed)
     set_threads(threads)
@@ -356,6 +387,7 @@ def attribute(
             executor=executor,
             workers=workers,
             address=address,
+            method_options=method_options,
             attribute_options={
                 "memory_budget": _bytes_option(max_memory, "--max-memory"),
                 "storage": storage,

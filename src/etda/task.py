@@ -56,6 +56,11 @@ class ClassificationTask:
     def scalar(self, target: Target, out: Tensor, y: Tensor) -> Tensor:
         return self.loss(out, y) if target == "loss" else self.output(out, y)
 
+    def sample(self, out: Tensor, u: Tensor) -> Tensor:
+        """Labels drawn from the model's predictive distribution by inverse CDF at the uniform
+        draws ``u`` (one per label): the targets of the true (sampled) Fisher."""
+        return _inverse_cdf(out, u)
+
 
 class SequenceTask:
     """Next-token prediction with logits ``(B, T, V)`` and next-token targets ``(B, T)``.
@@ -94,8 +99,20 @@ class SequenceTask:
     def scalar(self, target: Target, out: Tensor, y: Tensor) -> Tensor:
         return self.loss(out, y) if target == "loss" else self.output(out, y)
 
+    def sample(self, out: Tensor, u: Tensor) -> Tensor:
+        """Labels drawn from the model's predictive distribution by inverse CDF at the uniform
+        draws ``u`` (one per label): the targets of the true (sampled) Fisher."""
+        return _inverse_cdf(out, u)
+
 
 Task = ClassificationTask | SequenceTask
+
+
+def _inverse_cdf(logits: Tensor, u: Tensor) -> Tensor:
+    """Categorical draws ``(...)`` from ``logits (..., C)`` at uniforms ``u (...)`` in [0, 1)."""
+    cdf = torch.softmax(logits.detach().to(torch.float64), dim=-1).cumsum(-1)
+    y = torch.searchsorted(cdf, u.to(torch.float64).unsqueeze(-1).contiguous()).squeeze(-1)
+    return y.clamp_(max=logits.shape[-1] - 1).to(torch.long)
 
 
 def default_task(y: Tensor) -> Task:

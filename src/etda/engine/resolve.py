@@ -150,6 +150,7 @@ def resolve(
         use_hooks=config.use_hooks,
         progress=config.progress,
         fwd_flops=forward_flops(probe_model, cast_inputs(x_train[:1], _dtype(models[0]))),
+        curvature=method.curvature(config.seed),
     )
     return RunPlan(
         config,
@@ -224,6 +225,10 @@ def _projection(
         projection = method.default_projection
     if projection != "auto":
         return projection
+    if method.curvature(config.seed) is not None:  # dense preconditioned gradients
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        fits = memory.exact_features_fit(n_params, x.shape[0] + n_test)
+        return "none" if config.proj_dim is None and fits else "factored"
     if config.proj_dim is not None or not memory.exact_kernel_fits(x.shape[0]):
         return "factored"
     width = _exact_width(model, task, config, x, y)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from etda.features.capture import Captured, Layer, capture, find_layers, flat_gradient
+from etda.features.curvature import Preconditioner
 from etda.features.projectors import (
     CountSketch,
     DenseProjector,
@@ -77,8 +78,10 @@ class Featurizer:
         spec: FeatureSpec,
         probe: tuple[Tensor, Tensor],
         use_hooks: bool = True,
+        curvature: Preconditioner | None = None,
     ) -> None:
         self.model, self.task, self.params, self.spec = model, task, params, spec
+        self.curvature = curvature
         named = dict(model.named_parameters())
         self.shapes = {n: named[n].shape for n in params}
         self.n_params = sum(s.numel() for s in self.shapes.values())
@@ -87,8 +90,11 @@ class Featurizer:
         positions = self._positions(*probe) if self.layers else []
         # Layers whose per-example gradient is one outer product keep exact factors
         # under projection "none"; multi-position layers are flattened.
-        self.factored = [j for j, L in enumerate(positions) if L == 1]
-        self.multi = [j for j, L in enumerate(positions) if L != 1]
+        # A curvature makes every layer's gradient dense (preconditioned elementwise in its
+        # Kronecker eigenbasis): no layer keeps factors, every one is formed and flattened.
+        one = curvature is None
+        self.factored = [j for j, L in enumerate(positions) if L == 1 and one]
+        self.multi = [j for j, L in enumerate(positions) if L != 1 or not one]
         self.flat_proj: FlatProjector | None = None
         self.sketches: list[TensorSketch | CountSketch] = []
         p = spec.projection
@@ -101,7 +107,7 @@ class Featurizer:
         elif p == "factored":
             for j, layer in enumerate(self.layers):
                 L = positions[j]
-                if L * (layer.d_out + layer.d_in) <= layer.n_params:
+                if curvature is None and L * (layer.d_out + layer.d_in) <= layer.n_params:
                     self.sketches.append(
                         TensorSketch(layer.d_out, layer.d_in, spec.dim, spec.seed, j)
                     )
@@ -153,27 +159,46 @@ class Featurizer:
         p = self.spec.projection
         b = cap.out.shape[0]
         if self.flat_proj is not None:
-            return {
-                "g" if p == "identity" else "phi": self.flat_proj(
-                    flat_gradient(cap, self.layers, self.params, self.shapes)
-                )
-            }
+            flat = (
+                torch.cat(self._dense_parts(cap), 1)
+                if self.curvature is not None
+                else flat_gradient(cap, self.layers, self.params, self.shapes)
+            )
+            return {"g" if p == "identity" else "phi": self.flat_proj(flat)}
         if p == "none":
             out = {}
             for j in self.factored:
                 d, a = cap.factors[j]
                 out[f"d{j}"], out[f"a{j}"] = d[:, 0], a[:, 0]
-            parts = [_outer(*cap.factors[j]).reshape(b, -1) for j in self.multi]
-            parts += [cap.rest[n].reshape(b, -1) for n in self.rest]
+            parts = self._dense_parts(cap, self.multi)
             if parts:
                 out["g"] = torch.cat(parts, 1)
             return out
         phi = torch.zeros(b, self.spec.dim, dtype=cap.out.dtype)
-        for (d, a), sk in zip(cap.factors, self.sketches, strict=True):
-            phi += sk(d, a) if isinstance(sk, TensorSketch) else sk(_outer(d, a).reshape(b, -1))
+        for j, ((d, a), sk) in enumerate(zip(cap.factors, self.sketches, strict=True)):
+            if isinstance(sk, TensorSketch):
+                phi += sk(d, a)
+            else:
+                phi += sk(self._layer(j, d, a))
         if self.rest:
-            phi += self.rest_proj(torch.cat([cap.rest[n].reshape(b, -1) for n in self.rest], 1))
+            phi += self.rest_proj(torch.cat(self._dense_parts(cap, []), 1))
         return {"phi": phi}
+
+    def _layer(self, j: int, d: Tensor, a: Tensor) -> Tensor:
+        """Layer ``j``'s per-example gradient ``(B, o * i)`` (preconditioned with a curvature)."""
+        if self.curvature is not None:
+            return self.curvature.layer_features(j, d, a)
+        return _outer(d, a).reshape(d.shape[0], -1)
+
+    def _dense_parts(self, cap: Captured, layers: list[int] | None = None) -> list[Tensor]:
+        """Flattened gradients of ``layers`` (default: all) and of the other parameters."""
+        js = range(len(self.layers)) if layers is None else layers
+        parts = [self._layer(j, *cap.factors[j]) for j in js]
+        for n in self.rest:
+            g = cap.rest[n]
+            c = self.curvature
+            parts.append(c.rest_features(n, g) if c is not None else g.reshape(g.shape[0], -1))
+        return parts
 
 
 def _outer(d: Tensor, a: Tensor) -> Tensor:

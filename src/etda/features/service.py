@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,8 +25,11 @@ from etda._version import __version__
 from etda.cost import Costs, timer
 from etda.features.blocks import Features, StreamedFeatures, TrainFeatures
 from etda.features.capture import set_example_index
+from etda.features.curvature import CurvatureSpec, FitInputs, Preconditioner
+from etda.features.curvature import fit as fit_curvature
 from etda.features.featurize import FeatureSpec, Featurizer, check_finite
 from etda.features.store import FeatureStore, SplitStore
+from etda.io import atomic_write
 from etda.task import ParamSelector, Task, select_parameters
 
 TEST_INDEX_OFFSET = 1 << 40  # test examples get their own keys for per-example masks
@@ -131,12 +136,14 @@ class FeatureService:
         use_hooks: bool = True,
         progress: bool = False,
         fwd_flops: float = 0.0,
+        curvature: CurvatureSpec | None = None,
     ) -> None:
         self.task, self.train, self.test, self.store = task, train, test, store
         self.projection, self.proj_dim, self.target = projection, proj_dim, target
         self.dtype, self.torch_dtype = dtype, getattr(torch, dtype)
         self.chunk_size, self.storage, self.params = chunk_size, storage, params
         self.use_hooks, self.progress, self.fwd_flops = use_hooks, progress, fwd_flops
+        self.curvature = curvature
 
     def spec(self, seed: int) -> FeatureSpec:
         return FeatureSpec(self.projection, self.proj_dim, seed, self.target, self.dtype)
@@ -146,7 +153,6 @@ class FeatureService:
         params = select_parameters(req.model, self.params if req.params == "all" else req.params)
         spec = self.spec(req.seed)
         probe = (self.train.x, self.train.y)
-        fz = Featurizer(req.model, self.task, params, spec, probe, use_hooks=self.use_hooks)
         meta = {
             "etda_version": __version__,
             "weights": model_fingerprint(req.model),
@@ -155,7 +161,57 @@ class FeatureService:
             "task": self.task.name,
             "hooks": self.use_hooks,
         }
+        pre = None
+        if self.curvature is not None:
+            meta["curvature"] = self.curvature.to_dict()
+            pre = self.preconditioner(req, params, meta)
+        fz = Featurizer(
+            req.model, self.task, params, spec, probe, use_hooks=self.use_hooks, curvature=pre
+        )
         return fz, meta
+
+    def preconditioner(self, req: FeatureRequest, params: list[str], meta: dict):
+        """The member's fitted curvature: loaded from its store folder when one was saved for
+        the same weights, data and curvature, else fitted (resuming an interrupted fit) and
+        saved there. In memory without a store."""
+        from etda.features.capture import find_layers
+
+        spec = self.curvature
+        key = {**meta, "data": fingerprint(self.train.x, self.train.y)}
+        key.pop("spec", None)  # the projection does not change the curvature
+        key_text = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        folder = None if self.store.root is None else Path(self.store.root) / req.tag
+        path = None if folder is None else folder / "curvature.safetensors"
+        if path is not None and path.exists():
+            pre = Preconditioner.from_bytes(path.read_bytes(), spec, {"key": key_text})
+            if pre is not None:
+                return pre
+        layers, rest = find_layers(req.model, params) if self.use_hooks else ([], list(params))
+        bar = tqdm(
+            total=self.train.n * (2 if spec.kind == "ekfac" else 1),
+            desc=f"{req.tag} curvature ({spec.kind})",
+            unit="ex",
+            leave=False,
+            disable=not self.progress,
+        )
+        inputs = FitInputs(
+            req.model,
+            self.task,
+            layers,
+            rest,
+            self.train.x,
+            self.train.y,
+            self.chunk_size,
+            self.torch_dtype,
+            bar.update,
+        )
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        pre = fit_curvature(spec, inputs, folder, key_text)
+        bar.close()
+        if path is not None:
+            atomic_write(path, pre.to_bytes({"key": key_text}))
+        return pre
 
     def split(self, name: str) -> Split:
         return self.train if name == "train" else self.test
@@ -202,7 +258,8 @@ class FeatureService:
         """Fill the member's stores (only missing rows) and return its views: the training
         features (in memory, or streamed ``stream_block`` rows at a time from the store) and
         the test features (None when ``splits`` leaves the test set out)."""
-        fz, meta = self.featurizer(req)
+        with timer(costs, "featurize_train_s"):  # a curvature is fitted here
+            fz, meta = self.featurizer(req)
         views: dict[str, Any] = {}
         n = 0
         for name in splits:

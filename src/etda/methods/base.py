@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from etda.features.blocks import Features, TrainFeatures
+from etda.features.curvature import CurvatureSpec
 from etda.registry import Registry
 
 Space = Literal["feature", "sample"]
@@ -43,6 +44,12 @@ class MemberContext:
     train_xy: tuple[Tensor, Tensor] | None = None
     featurizer: Any = None
     test_xy: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def curvature_info(self) -> dict | None:
+        """The fitted curvature's record (kind, Fisher, damping per layer), if any."""
+        pre = getattr(self.featurizer, "curvature", None)
+        return None if pre is None else pre.info()
 
 
 @dataclass
@@ -171,6 +178,10 @@ class Method(ABC):
         """Self-influence of every training example without the ``n x n`` scores, or None
         where the method has no shortcut (the engine then scores the training set against
         itself and takes the diagonal)."""
+        return None
+
+    def curvature(self, seed: int) -> CurvatureSpec | None:
+        """The curvature the featurizer must precondition gradients with (None: none)."""
         return None
 
     @property

@@ -1,6 +1,17 @@
 """Influence functions: ``tau_i(z) = grad L(z)^T (H + lam I)^-1 grad L(z_i)``.
 
-Two solvers over the same features:
+The curvature ``H`` (``curvature=``):
+
+* ``"gram"`` (default): the Gram of the per-example gradients, solved exactly (below);
+* ``"kfac"`` / ``"ekfac"``: the Fisher, Kronecker-factored per Linear/Conv2d layer (EK-FAC
+  with eigenvalues re-fitted in the Kronecker eigenbasis), fitted per member with labels
+  sampled from the model (``fisher="sampled"``) or at the true labels (``"empirical"``).
+  The featurizer preconditions every gradient with ``(H + lam I)^-1/2``
+  (:mod:`etda.features.curvature`), so scores are dot products of its features; damping
+  ``"auto"`` is the per-layer heuristic ``0.1 x mean eigenvalue`` (kronfluence's), ``"trace:C"``
+  is ``C x mean eigenvalue`` per layer, a number is absolute.
+
+Two solvers for the Gram curvature:
 
 * ``solver="eigen"`` (default, any model): ``H`` is the Gauss-Newton/empirical-Fisher
   matrix of the training loss gradients, ``H = Phi^T Phi / n``, in projected (or exact,
@@ -17,6 +28,7 @@ from torch import Tensor
 from torch.func import functional_call, grad, jvp
 
 from etda.features.blocks import Features, TrainFeatures
+from etda.features.curvature import CURVATURES, CurvatureSpec
 from etda.methods.base import Diagonal, MemberContext, MemberFactors, Method
 from etda.methods.solve import DampedSystem, choose_damping
 
@@ -34,9 +46,18 @@ class InfluenceFunction(Method):
         cg_iters: int = 200,
         cg_tol: float = 1e-10,
         form: str = "auto",
+        curvature: str = "gram",
+        fisher: str = "sampled",
     ) -> None:
         if solver not in ("eigen", "cg"):
             raise ValueError(f"solver must be 'eigen' or 'cg', got {solver!r}")
+        if curvature not in ("gram", *CURVATURES):
+            raise ValueError(f"curvature must be 'gram', 'kfac' or 'ekfac', got {curvature!r}")
+        self.curvature_kind, self.fisher = curvature, fisher
+        if curvature != "gram":
+            if solver != "eigen":
+                raise ValueError(f"curvature={curvature!r} has its own solve; drop solver=")
+            self._spec(0, damping)  # validates fisher and damping now
         if solver == "cg" and (
             isinstance(damping, bool) or not isinstance(damping, int | float) or damping <= 0
         ):
@@ -45,7 +66,26 @@ class InfluenceFunction(Method):
         self.cg_iters, self.cg_tol = cg_iters, cg_tol
 
     def options(self) -> dict:
-        return {"damping": self.damping, "solver": self.solver, "form": self.form}
+        opts = {"damping": self.damping, "solver": self.solver, "form": self.form}
+        if self.curvature_kind != "gram":
+            opts |= {"curvature": self.curvature_kind, "fisher": self.fisher}
+        return opts
+
+    def _spec(self, seed: int, damping: float | str) -> CurvatureSpec:
+        if isinstance(damping, str) and damping != "auto" and not damping.startswith("trace:"):
+            raise ValueError(
+                f"curvature={self.curvature_kind!r} takes damping 'auto' (0.1 x the mean "
+                f"eigenvalue per layer), 'trace:C' or a number >= 0, got {damping!r}"
+            )
+        return CurvatureSpec(
+            self.curvature_kind,
+            self.fisher,
+            "heuristic" if damping == "auto" else damping,
+            seed,
+        )
+
+    def curvature(self, seed: int) -> CurvatureSpec | None:
+        return None if self.curvature_kind == "gram" else self._spec(seed, self.damping)
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
@@ -61,6 +101,11 @@ class InfluenceFunction(Method):
         return "identity" if self.solver == "cg" else "auto"
 
     @property
+    def dense_features(self) -> bool:
+        """Preconditioned gradients are dense (no layer keeps its Kronecker factors)."""
+        return self.curvature_kind != "gram"
+
+    @property
     def has_diagonal(self) -> bool:
         return self.solver == "eigen"
 
@@ -73,12 +118,19 @@ class InfluenceFunction(Method):
         return system, d, info
 
     def factors(self, train: TrainFeatures, test: Features, ctx: MemberContext) -> MemberFactors:
+        if self.curvature_kind != "gram":  # features are preconditioned: dot products
+            info = {"curvature": ctx.curvature_info}
+            if train.explicit_width is not None:
+                return MemberFactors(test.rows(0, test.n), "feature", info=info)
+            return MemberFactors(train.inner(test), "sample", info=info)
         if self.solver == "cg":
             return self._cg(train, test, ctx)
         system, d, info = self._system(train)
         return MemberFactors(system.left(test, d.lam, scale=system.n), system.form, info=info)
 
     def diagonal(self, train: TrainFeatures, ctx: MemberContext) -> Diagonal | None:
+        if self.curvature_kind != "gram":
+            return Diagonal(train.sq_norms(), info={"curvature": ctx.curvature_info})
         if self.solver == "cg":
             return None
         system, d, info = self._system(train)

@@ -30,6 +30,11 @@ need_data() {  # need_data <check function> <debian package> <what it is>
   local check=$1 pkg=$2 what=$3
   "$check" && return 0
   install_package "$pkg" && "$check" && return 0
+  if [ "${ETDA_SKIP_DATA:-0}" = 1 ] && [ "${ETDA_REQUIRE_DATA:-0}" = 1 ]; then
+    echo "!! $what not found: ETDA_SKIP_DATA=1 conflicts with ETDA_REQUIRE_DATA=1 (CI needs" \
+         "every data package; run 'sudo apt-get install -y $pkg')" >&2
+    exit 1
+  fi
   if [ "${ETDA_SKIP_DATA:-0}" = 1 ]; then
     echo "!! $what not found (ETDA_SKIP_DATA=1: the tests that read it will skip)" >&2
     return 0

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import gzip
-import os
 
 import numpy as np
 import pytest
 import torch
+from conftest import _have_fashion_mnist, needs_fashion_mnist
 
 from etda.data import (
     FASHION_MNIST_ENV,
@@ -23,10 +23,6 @@ from etda.data import (
     seeded_subset,
     write_idx,
 )
-from etda.data.fashion_mnist import DEFAULT_FASHION_MNIST_DIR
-
-HAVE_FMNIST = os.path.isfile(os.path.join(DEFAULT_FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
-
 
 # --- IDX ---------------------------------------------------------------------------------
 
@@ -108,6 +104,15 @@ def test_load_fashion_mnist_env_var(tmp_path, monkeypatch):
     assert load_fashion_mnist("test")[0].shape[0] == 20
 
 
+def test_fashion_mnist_gate_follows_the_env_var(tmp_path, monkeypatch):
+    """The real-data test's gate looks where the loader looks: $ETDA_FASHION_MNIST_DIR."""
+    _fake_fmnist(tmp_path)
+    monkeypatch.setenv(FASHION_MNIST_ENV, str(tmp_path))
+    assert _have_fashion_mnist()
+    monkeypatch.setenv(FASHION_MNIST_ENV, str(tmp_path / "elsewhere"))
+    assert not _have_fashion_mnist()
+
+
 def test_load_fashion_mnist_missing(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError) as info:
@@ -139,8 +144,9 @@ def test_fmnist_bundles_on_fake_files(tmp_path):
         fmnist2(classes=(0, 0), root=tmp_path)
 
 
-@pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist not installed")
+@needs_fashion_mnist
 def test_real_fashion_mnist():
+    """The real files, found where the loader looks: ``$ETDA_FASHION_MNIST_DIR`` first."""
     x, y = load_fashion_mnist("test")
     assert x.shape == (10000, 1, 28, 28) and y.shape == (10000,)
     assert torch.bincount(y).tolist() == [1000] * 10

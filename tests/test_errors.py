@@ -65,8 +65,9 @@ def test_labels_out_of_range(which, label):
     assert which in str(info.value) and "3 classes" in str(info.value)
 
 
-def test_float_labels_are_refused():
-    with pytest.raises(ValueError, match="labels must be integers"):
+def test_float_labels_for_a_classifier_are_refused():
+    # float targets mean regression (etda.RegressionTask); a classifier's logits do not fit
+    with pytest.raises(ValueError, match="read as regression: pass integer labels"):
         run(train=(TRAIN[0], TRAIN[1].double()))
 
 
@@ -179,10 +180,57 @@ def test_unknown_projection():
         run(projection="bogus")
 
 
-@pytest.mark.parametrize("chunk_size", [0, -1])
+@pytest.mark.parametrize("chunk_size", [0, -1, 2.5, "4", True, 4.0])
 def test_bad_chunk_size(chunk_size):
-    with pytest.raises(ValueError, match="chunk_size must be positive"):
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer") as info:
         run(chunk_size=chunk_size)
+    assert repr(chunk_size) in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", ["bogus", "float16", "torch.float64", torch.float64, None])
+def test_bad_dtype(dtype):
+    """Once a raw AttributeError (getattr(torch, 'bogus')); now named with the choices."""
+    with pytest.raises(ValueError, match=r"unknown dtype .*must be one of float32, float64"):
+        run(dtype=dtype)
+
+
+@pytest.mark.parametrize("top_k", [-1, 2.5, "3", True])
+def test_bad_top_k(top_k):
+    with pytest.raises(ValueError, match=r"top_k must be an integer >= 0") as info:
+        run(top_k=top_k)
+    assert repr(top_k) in str(info.value)
+
+
+@pytest.mark.parametrize("budget", [0, -5, "0GB", "-1GB", float("nan"), "lots", None])
+def test_bad_memory_budget(budget):
+    with pytest.raises(ValueError, match="memory_budget must be a positive size") as info:
+        run(memory_budget=budget)
+    assert repr(budget) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "ensemble,shown",
+    [
+        ("dropout", "str 'dropout'"),
+        (object(), "object"),
+        (etda.Dropout, r"the class Dropout \(pass an instance: Dropout\(...\)\)"),
+        ([etda.Dropout(2)], "list"),
+        (2, "int 2"),
+    ],
+)
+def test_ensemble_of_the_wrong_type(ensemble, shown):
+    with pytest.raises(TypeError, match=rf"ensemble must be an etda ensemble.*got {shown}"):
+        run(ensemble=ensemble)
+
+
+def test_valid_option_types_are_accepted():
+    """The checks above refuse only what is wrong: NumPy integers and float32 learning
+    rates, a size string and zero top_k are fine."""
+    ck = [MODEL.state_dict(), MODEL.state_dict()]
+    lrs = np.array([0.1, 0.05], dtype=np.float32)
+    s = run(method="tracin", checkpoints=ck, checkpoint_lrs=lrs, memory_budget="64MB", top_k=0)
+    assert np.isfinite(s.values).all()
+    assert s.config["options"]["checkpoint_lrs"] == pytest.approx([0.1, 0.05])
 
 
 @pytest.mark.parametrize("method", ["trak", "if"])
@@ -218,6 +266,25 @@ def test_tracin_checkpoint_errors():
         run(method="tracin", checkpoints=[other])
     with pytest.raises(ValueError, match="checkpoint does not match the model: missing"):
         run(method="tracin", checkpoints=[{"0.weight": ck[0]["0.weight"]}])
+
+
+@pytest.mark.parametrize(
+    "lrs,shown",
+    [
+        ([float("nan")], "nan"),
+        ([0.1, -0.1], "-0.1"),
+        ([float("inf")], "inf"),
+        (["0.1"], "'0.1'"),
+        ([True], "True"),
+        ([torch.tensor(0.1)], "tensor"),
+    ],
+)
+def test_bad_checkpoint_lrs(lrs, shown):
+    """NaN learning rates once gave non-finite scores silently; every bad weight is named."""
+    ck = [MODEL.state_dict()] * len(lrs)
+    with pytest.raises(ValueError, match=r"checkpoint_lrs must be finite numbers >= 0") as info:
+        run(method="tracin", checkpoints=ck, checkpoint_lrs=lrs)
+    assert shown in str(info.value)
 
 
 # ------------------------------------------------------------------------- Scores
@@ -284,6 +351,7 @@ def test_top_k_on_engine_scores(scores):
         assert [i for i, _ in t["opponents"]] == list(np.argsort(row)[:3])
 
 
-def test_top_negative_k_is_refused():
-    with pytest.raises(ValueError, match="k"):
-        etda.Scores(np.arange(6.0).reshape(2, 3), "graddot").top(-1)
+@pytest.mark.parametrize("k", [-1, 2.5, "2", True])
+def test_top_bad_k_is_refused(k):
+    with pytest.raises(ValueError, match=r"k must be an integer >= 0"):
+        etda.Scores(np.arange(6.0).reshape(2, 3), "graddot").top(k)

@@ -45,7 +45,8 @@ TRAIN, TEST = make_data(N_TR, 1), make_data(N_TE, 2)
 
 def run(model, method="graddot", train=TRAIN, test=TEST, **kw) -> np.ndarray:
     kw.setdefault("dtype", "float64")
-    kw.setdefault("proj_dim", 48)
+    if kw.get("projection") not in ("none", "identity"):  # exact features take no proj_dim
+        kw.setdefault("proj_dim", 48)
     return etda.attribute(model, train=train, test=test, method=method, **kw).values
 
 
@@ -114,7 +115,7 @@ def test_auto_damping_does_not_depend_on_training_order(model, projection):
             TEST,
             method=method,
             projection=projection,
-            proj_dim=48,
+            proj_dim=48 if projection != "none" else None,
             dtype="float64",
             damping="auto",
         )
@@ -124,7 +125,7 @@ def test_auto_damping_does_not_depend_on_training_order(model, projection):
             TEST,
             method=method,
             projection=projection,
-            proj_dim=48,
+            proj_dim=48 if projection != "none" else None,
             dtype="float64",
             damping="auto",
         )
@@ -198,7 +199,7 @@ def test_trak_auto_damping_is_deterministic(model, damping, rule):
             test=TEST,
             method="trak",
             projection=p,
-            proj_dim=16,
+            proj_dim=16 if p != "none" else None,
             dtype="float64",
             damping=damping,
         )

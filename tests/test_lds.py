@@ -13,6 +13,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import datagate
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
@@ -225,8 +226,7 @@ def test_local_processes_match_inprocess(reference: GroundTruth, tmp_path: Path)
 
 
 def test_ray_matches_inprocess(reference: GroundTruth, tmp_path: Path) -> None:
-    pytest.importorskip("ray")
-    import ray
+    ray = datagate.require_module("ray", "needs ray (pip install -e '.[all]')")
 
     from etda.parallel import RayExecutor
 

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import datagate
 import pytest
 from typer.testing import CliRunner
 
@@ -309,8 +310,7 @@ def test_explain_says_what_is_measured_and_what_predicted(toy):
 
 def test_cli_plan_on_the_committed_fmnist_results():
     path = ROOT / "benchmarks" / "results" / "fmnist-mlp" / "results.json"
-    if not path.is_file():
-        pytest.skip("no committed fmnist-mlp results")
+    datagate.require(path.is_file(), f"needs the committed results {path}")
     budgets = ["--budget-train", "60s", "--budget-serve", "30s", "--budget-bytes", "500MB"]
     args = ["plan", "--setting", "fmnist-mlp", "--results", str(path), *budgets]
     result = runner.invoke(app, args, catch_exceptions=False)

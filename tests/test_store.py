@@ -47,6 +47,8 @@ def run(store=None, model=MODEL, train=TRAIN, test=TEST, **kw) -> etda.Scores:
     }
     if kw["method"] in ("trak", "if"):
         kw.setdefault("damping", 0.1)
+    if kw["projection"] in ("none", "identity"):  # exact features take no proj_dim
+        kw.pop("proj_dim")
     return etda.attribute(model, train=train, test=test, store=store, **kw)
 
 

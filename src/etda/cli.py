@@ -304,6 +304,14 @@ def attribute(
     store: Annotated[
         Path | None, typer.Option(help="Feature store directory (persistent, resumable).")
     ] = None,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Recompute only the stored feature rows that fail their checksum (instead "
+            "of refusing a damaged --store).",
+        ),
+    ] = False,
     model_dir: ModelDirOpt = Path("runs/models"),
     lds_on: Annotated[
         bool, typer.Option("--lds/--no-lds", help="Measure the LDS (ground truth cached).")
@@ -392,6 +400,7 @@ def attribute(
                 "memory_budget": _bytes_option(max_memory, "--max-memory"),
                 "storage": storage,
                 "scores_out": scores_out,
+                "repair": repair,
                 "top_k": max(top_k, 10),
                 "executor": featurize_executor or ("ray" if executor == "ray" else "inprocess"),
                 "workers": workers,

@@ -10,6 +10,7 @@ once, and ``Scores.config["options"]`` records :meth:`AttributeConfig.to_dict`.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -99,6 +100,16 @@ class AttributeConfig:
     )
     workers: int | None = _help("Featurization workers (None: one per core).", None)
     address: str | None = _help("Ray cluster to join (executor='ray'), e.g. 'auto'.", None)
+    repair: bool = _help(
+        "Resume a store whose recorded rows fail their checksum by recomputing only those "
+        "ranges (False: refuse such a store with CorruptStoreError).",
+        False,
+    )
+    device: str | None = _help(
+        "Where models run: 'cpu', 'cuda', 'cuda:1', ... (None: the models' own device). Inputs "
+        "are moved chunk by chunk; features come back to the host for the store and scoring.",
+        None,
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "memory_budget", _budget(self.memory_budget))
@@ -107,14 +118,26 @@ class AttributeConfig:
         _choice("storage", self.storage, STORAGE_CHOICES)
         _choice("executor", self.executor, EXECUTOR_CHOICES)
         _optional_positive_int("proj_dim", self.proj_dim)
-        _optional_positive_int("chunk_size", self.chunk_size, "positive (examples per call)")
+        if self.proj_dim is not None and self.projection in ("none", "identity"):
+            raise ValueError(
+                f"proj_dim={self.proj_dim} has no effect with projection={self.projection!r} "
+                "(exact, unprojected gradients); drop proj_dim, or choose a projection that "
+                "uses it: gaussian, rademacher, sparse, factored or auto"
+            )
+        _optional_positive_int(
+            "chunk_size", self.chunk_size, "a positive integer (examples per call)"
+        )
         _optional_positive_int("workers", self.workers)
+        if self.device is not None:
+            _device_or_error(self.device)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not (isinstance(self.train_seconds, int | float) and self.train_seconds >= 0):
             raise ValueError(f"train_seconds must be a number >= 0, got {self.train_seconds!r}")
+        if not isinstance(self.repair, bool):
+            raise ValueError(f"repair must be True or False, got {self.repair!r}")
         if self.checkpoint_lrs is not None:
             lrs = list(self.checkpoint_lrs)
             bad = [v for v in lrs if not _finite_nonnegative(v)]
@@ -176,5 +199,22 @@ def _optional_positive_int(name: str, value: Any, what: str = "a positive intege
         raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
+def _device_or_error(device: Any) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be e.g. 'cpu' or 'cuda', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device={device!r} was requested but CUDA is not available here (torch "
+            f"{torch.__version__}, CUDA build: {torch.version.cuda is not None}); use "
+            "device='cpu' or install a CUDA build of torch"
+        )
+
+
 def _finite_nonnegative(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+    # numbers.Real: Python and NumPy scalars (np.float32 learning rates are fine)
+    ok = isinstance(v, numbers.Real) and not isinstance(v, bool)
+    return ok and math.isfinite(v) and v >= 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
@@ -76,13 +76,13 @@ def weights_bytes(model: nn.Module, only: list[str] | None = None) -> int:
     return int(sum(named[n].numel() * named[n].element_size() for n in names))
 
 
-def forward_flops(model: nn.Module, x: torch.Tensor) -> float:
-    """FLOPs of one forward pass on ``x`` (torch's FLOP counter; 0 if it cannot count)."""
+def forward_flops(forward: Callable[[], object]) -> float:
+    """FLOPs of one forward pass ``forward()`` (torch's FLOP counter; 0 if it cannot count)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     try:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(x)
+            forward()
         return float(counter.get_total_flops())
     except Exception:  # noqa: BLE001 - counting is best effort, never fatal
         return 0.0

@@ -45,8 +45,8 @@ class Scores:
 
         Returns ``[{"test": t, "proponents": [(i, score), ...], "opponents": [...]}, ...]``.
         """
-        if k < 0:
-            raise ValueError(f"k must be >= 0, got {k}")
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
+            raise ValueError(f"k must be an integer >= 0, got {k!r}")
         k = min(k, self.values.shape[1])
         if self.topk is not None and k <= self.topk["proponents"].shape[1]:
             tk = self.topk

@@ -7,7 +7,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+from etda import batch
 from etda.io import atomic_write
 from etda.task import Task
 
@@ -105,6 +106,63 @@ def _task_name(task: str | Task | None, y: Tensor) -> str:
     if name not in TASKS:
         raise ValueError(f"unknown task {task!r}; use one of {TASKS} or an etda.task object")
     return name
+
+
+def _loss_function(
+    model: nn.Module, x: batch.Inputs, y: Tensor, task: str | Task | None, device: torch.device
+) -> tuple[batch.Inputs, Tensor, Callable[[Tensor], Tensor]]:
+    """The inputs and targets on the model's device, and the mean loss of a batch of indices."""
+    if _builtin(task) and isinstance(x, Tensor):
+        task_name = _task_name(task, y)
+        _validate_xy(model, x, y, task_name)
+        x, y = x.to(device), y.to(device=device, dtype=torch.long)
+
+        def builtin_loss(idx: Tensor) -> Tensor:
+            return _loss(task_name, model(x[idx]), y[idx])
+
+        return x, y, builtin_loss
+    task = _task_object(task, y)  # any task and input type: its forward and per-example loss
+    x, y = batch.cast(x, next(model.parameters()).dtype, device), y.to(device)
+    _validate_task(model, task, x, y)
+
+    def task_loss(idx: Tensor) -> Tensor:
+        return task.loss(batch.run_model(model, batch.select(x, idx), task), y[idx]).mean()
+
+    return x, y, task_loss
+
+
+def _builtin(task: str | Task | None) -> bool:
+    """Whether ``task`` is trained by the built-in classification/sequence loops (names,
+    None, or etda's own task objects: their numerics stay those of the named settings)."""
+    if task is None or isinstance(task, str):
+        return True
+    from etda.task import ClassificationTask, SequenceTask
+
+    return type(task) in (ClassificationTask, SequenceTask)
+
+
+def _task_object(task: str | Task | None, y: Tensor) -> Task:
+    from etda.task import ClassificationTask, SequenceTask, default_task
+
+    if task is None:
+        return default_task(y)
+    if isinstance(task, str):
+        return {"classification": ClassificationTask, "sequence": SequenceTask}[
+            _task_name(task, y)
+        ]()
+    return task
+
+
+def _validate_task(model: nn.Module, task: Task, x: batch.Inputs, y: Tensor) -> None:
+    if not callable(getattr(task, "loss", None)):
+        raise TypeError(f"cannot train with task {type(task).__name__}: it has no loss(out, y)")
+    if batch.n_rows(x) == 0 or y.shape[0] != batch.n_rows(x):
+        raise ValueError(f"x has {batch.n_rows(x)} examples but y has {y.shape[0]}")
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        task.check(batch.run_model(model, batch.take(x, 0, 2), task), y[:2])
+    model.train(was_training)
 
 
 def _validate_xy(model: nn.Module, x: Tensor, y: Tensor, task: str = "classification") -> None:
@@ -212,11 +270,14 @@ def train_model(
     progress: bool = False,
     task: str | Task | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place on x (N, ...) and int targets y with cross-entropy.
+    """Train ``model`` in place on inputs x (N, ...) (a tensor or a dict of tensors) and
+    targets y.
 
     ``task``: ``"classification"`` (logits (B, C), labels (N,)), ``"sequence"`` (logits
-    (B, T, V), next-token targets (N, T); loss = mean token cross-entropy), an etda.task
-    object, or None: inferred from y (2-D targets mean a sequence task).
+    (B, T, V), next-token targets (N, T); loss = mean token cross-entropy), None (inferred
+    from y: 2-D targets mean a sequence task), or any etda task object (its forward and the
+    mean of its per-example loss; etda's own classification/sequence tasks keep the loops
+    above).
 
     Deterministic in ``seed``: data order comes from a generator seeded with ``seed`` and all
     global-RNG draws (dropout) happen inside ``fork_rng`` seeded with ``seed``, so the caller's
@@ -224,12 +285,10 @@ def train_model(
     cloned state_dict is kept (0 = the initial weights); its lr is the mean lr of the steps of
     epoch e (of the first step for e = 0), the usual TracIn weight for that interval.
     """
-    task_name = _task_name(task, y)
-    _validate_xy(model, x, y, task_name)
     ckpt = _checkpoint_epochs(checkpoint_epochs, recipe.epochs)
     device = _device(model)
-    x, y = x.to(device), y.to(device=device, dtype=torch.long)
-    n = x.shape[0]
+    x, y, batch_loss = _loss_function(model, x, y, task, device)
+    n = batch.n_rows(x)
     steps_per_epoch = len(_batches(torch.arange(n), recipe.batch_size))
     total_steps = steps_per_epoch * recipe.epochs
     opt = _optimizer([p for p in model.parameters() if p.requires_grad], recipe)
@@ -257,7 +316,7 @@ def train_model(
                     group["lr"] = lr
                 lrs.append(lr)
                 idx = idx.to(device)
-                loss = _loss(task_name, model(x[idx]), y[idx])
+                loss = batch_loss(idx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

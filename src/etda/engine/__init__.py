@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from etda import batch
 from etda.config import AttributeConfig
 from etda.engine.loop import run
 from etda.engine.resolve import RunPlan, resolve
@@ -100,7 +101,8 @@ def self_influence(
             np.diagonal(full.values).copy()[None, :], full.method, full.config, full.costs
         )
     # The diagonal needs training features only; the "test set" is one example for the probe.
-    return run(resolve(cfg, models, (x, y), (x[:1], y[:1]), m, ensemble, mode="self"))
+    first = (batch.take(x, 0, 1), y[:1])
+    return run(resolve(cfg, models, (x, y), first, m, ensemble, mode="self"))
 
 
 __all__ = [

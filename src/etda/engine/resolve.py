@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from etda import compat
+from etda import batch, compat
 from etda.config import AttributeConfig
 from etda.cost import forward_flops
 from etda.engine.memory import DEFAULT_SKETCH_DIM, MemoryModel
@@ -23,11 +23,11 @@ from etda.engine.scorers import BlockedScorer, DenseScorer
 from etda.ensemble.base import BuildContext, Ensemble, Independent
 from etda.features import blocks as fb
 from etda.features.featurize import FeatureSpec, Featurizer
-from etda.features.service import TEST_INDEX_OFFSET, FeatureService, Split, cast_inputs
+from etda.features.service import TEST_INDEX_OFFSET, FeatureService, Split
 from etda.features.store import FeatureStore
 from etda.methods.base import Method
 from etda.sources import as_tensors
-from etda.task import Task, default_task, select_parameters
+from etda.task import Task, check_task, default_task, select_parameters
 
 
 @dataclass
@@ -113,15 +113,18 @@ def resolve(
 ) -> RunPlan:
     """Make every automatic decision of a run (see the module doc)."""
     models, ensemble = _checked(models, ensemble)
+    if config.device is not None:  # copies: the user's models stay where they are
+        models = [_on(m, config.device) for m in models]
     x_train, y_train = as_tensors(train, "train")
     x_test, y_test = as_tensors(test, "test")
     task = config.task or default_task(y_train)
+    check_task(task)
     for m in models:
         _probe(m, task, x_train, y_train, "train")
         _probe(m, task, x_test, y_test, "test")
     compat.check(method, ensemble, config.checkpoints)
     memory = MemoryModel(config.memory_budget)
-    n_train, n_test = x_train.shape[0], x_test.shape[0]
+    n_train, n_test = batch.n_rows(x_train), batch.n_rows(x_test)
     projection = _projection(config, method, memory, models[0], task, x_train, y_train, n_test)
     n_params = max(sum(p.numel() for p in m.parameters()) for m in models)
     torch_dtype = getattr(torch, config.dtype)
@@ -149,7 +152,9 @@ def resolve(
         params=config.params,
         use_hooks=config.use_hooks,
         progress=config.progress,
-        fwd_flops=forward_flops(probe_model, cast_inputs(x_train[:1], _dtype(models[0]))),
+        fwd_flops=forward_flops(
+            lambda: batch.run_model(probe_model, _first(x_train, 1, probe_model), task)
+        ),
         curvature=method.curvature(config.seed),
     )
     return RunPlan(
@@ -180,9 +185,14 @@ def _checked(
         raise TypeError("models must be a torch.nn.Module or a non-empty list of them")
     ensemble = Independent() if ensemble is None else ensemble
     if not isinstance(ensemble, Ensemble):
+        got = (
+            f"the class {ensemble.__name__} (pass an instance: {ensemble.__name__}(...))"
+            if isinstance(ensemble, type)
+            else f"{type(ensemble).__name__} {ensemble!r:.60}"
+        )
         raise TypeError(
             f"ensemble must be an etda ensemble (etda.Dropout(...), etda.LoRA(...), ...) or "
-            f"None, got {type(ensemble).__name__}"
+            f"None, got {got}"
         )
     return models, ensemble
 
@@ -201,7 +211,24 @@ def _open_store(
     if (out_of_core or config.executor != "inprocess") and store is None:
         tmp = tempfile.TemporaryDirectory(prefix="etda-features-")
         store = tmp.name
-    return (store if isinstance(store, FeatureStore) else FeatureStore(store)), tmp
+    if not isinstance(store, FeatureStore):
+        store = FeatureStore(store)
+    if config.repair and not store.repair:
+        store = FeatureStore(store.root, repair=True, lock_timeout=store.lock_timeout)
+    return store, tmp
+
+
+def _first(x: batch.Inputs, k: int, model: nn.Module) -> batch.Inputs:
+    """The first ``k`` examples, cast and moved for ``model``."""
+    p = next(model.parameters())
+    return batch.cast(batch.take(x, 0, k), p.dtype, p.device)
+
+
+def _on(model: nn.Module, device: str) -> nn.Module:
+    p = next(model.parameters(), None)
+    if p is not None and p.device == torch.device(device):
+        return model
+    return copy.deepcopy(model).to(device)
 
 
 def _dtype(model: nn.Module) -> torch.dtype:
@@ -227,12 +254,12 @@ def _projection(
         return projection
     if method.curvature(config.seed) is not None:  # dense preconditioned gradients
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        fits = memory.exact_features_fit(n_params, x.shape[0] + n_test)
+        fits = memory.exact_features_fit(n_params, batch.n_rows(x) + n_test)
         return "none" if config.proj_dim is None and fits else "factored"
-    if config.proj_dim is not None or not memory.exact_kernel_fits(x.shape[0]):
+    if config.proj_dim is not None or not memory.exact_kernel_fits(batch.n_rows(x)):
         return "factored"
     width = _exact_width(model, task, config, x, y)
-    if width is not None and not memory.exact_features_fit(width, x.shape[0] + n_test):
+    if width is not None and not memory.exact_features_fit(width, batch.n_rows(x) + n_test):
         return "factored"  # e.g. token models: every layer sees T positions
     return "none"
 
@@ -244,7 +271,7 @@ def _exact_width(
     a model that has none yet)."""
     m = copy.deepcopy(model).eval()
     names = select_parameters(m, config.params if config.params != "all" else "all")
-    probe = (cast_inputs(x[:1], _dtype(m)), y[:1])
+    probe = (_first(x, 1, m), y[:1])
     try:
         widths = Featurizer(m, task, names, FeatureSpec("none"), probe).widths()
     except ValueError:
@@ -257,14 +284,15 @@ def _probe(model: nn.Module, task: Task, x: Tensor, y: Tensor, name: str) -> Non
     model.eval()  # a probe must not update BatchNorm statistics of the user's model
     try:
         with torch.no_grad():
-            out = model(cast_inputs(x[:2], _dtype(model)))
-    except RuntimeError as e:
+            out = batch.run_model(model, _first(x, 2, model), task)
+    except (RuntimeError, TypeError) as e:
         raise ValueError(
-            f"the model cannot process the {name} inputs of shape {tuple(x.shape[1:])}: {e}"
+            f"the model cannot process the {name} inputs of shape {batch.describe(x)}: {e}"
         ) from e
     finally:
         model.train(was_training)
     try:
+        out = out.cpu()
         task.check(out, y[:2])
         task.check(out[:1].expand(y.shape[0], *out.shape[1:]), y)
     except ValueError as e:

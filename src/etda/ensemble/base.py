@@ -167,7 +167,11 @@ class Ensemble(ABC):
         return {
             "kind": self.name,
             "preset": self.kind,
-            **{k: v for k, v in vars(self).items() if not k.startswith("_")},
+            **{
+                k: (getattr(v, "__qualname__", repr(v)) if callable(v) else v)
+                for k, v in vars(self).items()
+                if not k.startswith("_")
+            },
         }
 
 

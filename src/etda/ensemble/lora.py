@@ -11,18 +11,27 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from etda import batch
 from etda.ensemble.base import BuildContext, Ensemble, Member, check_members, member_seed
 
 
 def lora_targets(model: nn.Module) -> list[str]:
-    """Names of the Linear/Conv2d layers a LoRA adapter can wrap."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d) and n]
+    """Names of the layers a LoRA adapter can wrap: Linear, Conv2d and HuggingFace's Conv1D
+    (GPT-2's projections)."""
+    return [n for n, m in model.named_modules() if n and (_adaptable(m))]
+
+
+def _adaptable(m: nn.Module) -> bool:
+    if isinstance(m, nn.Linear | nn.Conv2d):
+        return True
+    return type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers")
 
 
 class LoRA(Ensemble):
@@ -44,6 +53,7 @@ class LoRA(Ensemble):
         target_modules: list[str] | None = None,
         seed: int | None = None,
         save_dir: str | None = None,
+        train_fn: Callable[[nn.Module, Any, Any, int], None] | None = None,
     ) -> None:
         check_members(members)
         if rank <= 0:
@@ -56,6 +66,7 @@ class LoRA(Ensemble):
         self.n_members, self.rank, self.alpha = members, rank, alpha if alpha else 2.0 * rank
         self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
         self.target_modules, self.seed, self.save_dir = target_modules, seed, save_dir
+        self.train_fn = train_fn  # train_fn(peft_model, x, y, seed): the user's own fine-tuning
 
     def size(self, n_models: int) -> int:
         return n_models * self.n_members
@@ -69,7 +80,7 @@ class LoRA(Ensemble):
         """A fine-tuned adapter model, its fine-tuning seconds and its epoch checkpoints."""
         from peft import LoraConfig, get_peft_model
 
-        from etda.train import TrainRecipe, train_model
+        from etda.train import TrainRecipe, TrainResult, train_model
 
         targets = self.target_modules or lora_targets(model)
         if not targets:
@@ -91,14 +102,22 @@ class LoRA(Ensemble):
             lr_schedule="constant",
         )
         t0 = time.perf_counter()
-        result = train_model(
-            peft_model,
-            ctx.x_train.to(ctx.dtype) if ctx.x_train.is_floating_point() else ctx.x_train,
-            ctx.y_train,
-            recipe,
-            seed=seed,
-            checkpoint_epochs=tuple(range(1, self.epochs + 1)),
-        )
+        x = batch.cast(ctx.x_train, ctx.dtype)
+        if self.train_fn is not None:
+            peft_model.train()
+            self.train_fn(peft_model, x, ctx.y_train, seed)
+            state = {k: v.detach().clone() for k, v in peft_model.state_dict().items()}
+            result = TrainResult(peft_model, 0.0, [state], [self.lr], seed, recipe)
+        else:
+            result = train_model(
+                peft_model,
+                x,
+                ctx.y_train,
+                recipe,
+                seed=seed,
+                checkpoint_epochs=tuple(range(1, self.epochs + 1)),
+                task=ctx.task,
+            )
         seconds = time.perf_counter() - t0
         inner = peft_model.get_base_model()
         inner.eval()

@@ -13,7 +13,9 @@ Retraining is the expensive part, so each (subset, seed) job is a file on disk:
 
 ``key`` hashes the setting fingerprint and the config, so a changed setting or config never
 reuses another's jobs. Files are written atomically, so a killed run loses at most the jobs
-in flight; the next run computes only missing (or corrupt) jobs.
+in flight; the next run computes only missing (or corrupt) jobs. Runs that compute jobs hold
+the folder's lock (``<cache_dir>/<setting>-<key>/.lock``), so two runs on one cache never
+train the same jobs twice: the second waits and then finds them done.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from etda.data.subsets import random_subset_masks
+from etda.features.store import acquire_lock, release_lock
 from etda.parallel import Executor, get_executor, torch_threads
 from etda.scores import Scores
 from etda.seeding import derive_seed
@@ -318,6 +321,7 @@ def ground_truth(
     workers: int | None = None,
     address: str | None = None,
     progress: bool = True,
+    lock_timeout: float | None = None,
 ) -> GroundTruth:
     """Retrain on ``config.n_subsets`` random subsets (cached, resumable) and collect outputs.
 
@@ -327,8 +331,15 @@ def ground_truth(
     ``"ray"``; ``workers`` and ``address`` go to it, and it is closed afterwards). Jobs already
     in the cache are read, not retrained; corrupt job files are reported and recomputed.
     The numbers do not depend on the executor or on interruptions.
+
+    One run writes a cache folder at a time (a ``filelock`` lock, ``<folder>/.lock``): a
+    second run on the same folder waits for it (``lock_timeout`` seconds, None: as long as
+    it takes), then retrains only what is still missing; after ``lock_timeout`` it raises
+    :class:`etda.features.store.StoreLockedError`.
     """
-    return _collect(setting, config, cache_dir, executor, workers, address, progress, True)
+    return _collect(
+        setting, config, cache_dir, executor, workers, address, progress, True, lock_timeout
+    )
 
 
 def load_ground_truth(
@@ -349,6 +360,7 @@ def _collect(
     address: str | None,
     progress: bool,
     compute: bool,
+    lock_timeout: float | None = None,
 ) -> GroundTruth:
     if isinstance(setting, str):
         setting = get_setting(setting)
@@ -360,17 +372,10 @@ def _collect(
     if not isinstance(config, LDSConfig):
         raise TypeError(f"config must be an LDSConfig, got {type(config).__name__}")
     data = setting.data()
-    n_train, n_test = data.n_train, data.n_test
     meta = _meta(setting, config)
-    fingerprint = meta["fingerprint"]
     folder = cache_folder(setting, config, cache_dir)
-    masks = random_subset_masks(n_train, config.n_subsets, config.fraction, config.seed)
+    masks = random_subset_masks(data.n_train, config.n_subsets, config.fraction, config.seed)
     S, R = config.n_subsets, config.seeds_per_subset
-
-    outputs = np.full((S, R, n_test), np.nan)
-    seconds = np.full((S, R), np.nan)
-    todo: list[tuple[int, int]] = []
-    corrupt: list[str] = []
     if compute:
         _prepare_folder(folder, meta)
     elif not (folder / "meta.json").exists():
@@ -378,6 +383,43 @@ def _collect(
             f"no LDS ground truth for setting {setting.name!r} and {config} under {folder}; "
             "compute it with ground_truth()"
         )
+    outputs, seconds, todo = _scan(folder, config, data.n_test, warn=True)
+    if todo and not compute:
+        raise FileNotFoundError(
+            f"{len(todo)} of {S * R} LDS jobs are missing or corrupt in {folder}; "
+            "run ground_truth() to compute them"
+        )
+    if todo:
+        # One writer per cache folder: a second run waits, then reads what the first wrote.
+        lock = acquire_lock(folder / ".lock", lock_timeout, f"LDS cache {folder}")
+        try:
+            outputs, seconds, todo = _scan(folder, config, data.n_test, warn=False)
+            job = _Jobs(setting, meta["fingerprint"], masks, config, folder, outputs, seconds)
+            job.run(todo, executor, workers, address, progress)
+        finally:
+            release_lock(lock)
+    return GroundTruth(
+        masks=masks,
+        outputs=outputs.mean(axis=1),
+        config=config,
+        setting=setting.name,
+        fingerprint=meta["fingerprint"],
+        train_seconds=float(seconds.sum()),
+        job_seconds=seconds,
+        path=folder,
+    )
+
+
+def _scan(
+    folder: Path, config: LDSConfig, n_test: int, warn: bool
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """Cached outputs (S, R, n_test) and seconds (S, R) (NaN where missing) and the jobs
+    ``(subset, repeat)`` still to compute (missing or corrupt files)."""
+    S, R = config.n_subsets, config.seeds_per_subset
+    outputs = np.full((S, R, n_test), np.nan)
+    seconds = np.full((S, R), np.nan)
+    todo: list[tuple[int, int]] = []
+    corrupt: list[str] = []
     for s in range(S):
         for r in range(R):
             path = _job_path(folder, s, r)
@@ -390,29 +432,52 @@ def _collect(
                 todo.append((s, r))
             else:
                 outputs[s, r], seconds[s, r] = cached
-    if corrupt:
+    if corrupt and warn:
         warnings.warn(
             f"{len(corrupt)} corrupt LDS job file(s) in {folder} will be recomputed: "
             + "; ".join(corrupt[:5]),
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-    if todo and not compute:
-        raise FileNotFoundError(
-            f"{len(todo)} of {S * R} LDS jobs are missing or corrupt in {folder}; "
-            "run ground_truth() to compute them"
-        )
+    return outputs, seconds, todo
 
-    if todo:
+
+@dataclass
+class _Jobs:
+    """Retraining jobs of one ground truth, written into its cache folder as they finish."""
+
+    setting: Setting
+    fingerprint: str
+    masks: np.ndarray
+    config: LDSConfig
+    folder: Path
+    outputs: np.ndarray  # (S, R, n_test), filled in place
+    seconds: np.ndarray  # (S, R)
+
+    def run(
+        self,
+        todo: list[tuple[int, int]],
+        executor: str | Executor | None,
+        workers: int | None,
+        address: str | None,
+        progress: bool,
+    ) -> None:
+        if not todo:
+            return
+        setting, config, n_test = self.setting, self.config, self.outputs.shape[2]
         # Registered settings travel by name (workers load their own data); others pickled.
         key = setting.name
         shipped = None if SETTINGS.get(key) is setting else setting
         if shipped is not None:
-            key = f"{setting.name}@{fingerprint}"
-        jobs = [(key, shipped, fingerprint, masks[s], config.retrain_seed(s, r)) for s, r in todo]
+            key = f"{setting.name}@{self.fingerprint}"
+        jobs = [
+            (key, shipped, self.fingerprint, self.masks[s], config.retrain_seed(s, r))
+            for s, r in todo
+        ]
         owned = not isinstance(executor, Executor)
         ex = get_executor(executor, workers, address) if owned else executor  # type: ignore[arg-type]
-        bar = _progress(progress, S * R, S * R - len(todo), setting.name)
+        total = self.seconds.size
+        bar = _progress(progress, total, total - len(todo), setting.name)
         try:
             for i, (out, secs) in ex.map(_retrain_job, jobs):
                 s, r = todo[i]
@@ -422,8 +487,8 @@ def _collect(
                         f"retraining job (subset {s}, repeat {r}) returned shape {out.shape}; "
                         f"expected ({n_test},)"
                     )
-                _write_job(_job_path(folder, s, r), out, secs, config.retrain_seed(s, r))
-                outputs[s, r], seconds[s, r] = out, secs
+                _write_job(_job_path(self.folder, s, r), out, secs, config.retrain_seed(s, r))
+                self.outputs[s, r], self.seconds[s, r] = out, secs
                 if bar is not None:
                     bar.update(1)
         finally:
@@ -431,17 +496,6 @@ def _collect(
                 bar.close()
             if owned:
                 ex.close()
-
-    return GroundTruth(
-        masks=masks,
-        outputs=outputs.mean(axis=1),
-        config=config,
-        setting=setting.name,
-        fingerprint=fingerprint,
-        train_seconds=float(seconds.sum()),
-        job_seconds=seconds,
-        path=folder,
-    )
 
 
 def _progress(enabled: bool, total: int, initial: int, name: str) -> Any:

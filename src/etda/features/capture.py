@@ -13,12 +13,14 @@ which holds for any model in eval mode (BatchNorm uses running statistics).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from etda.task import Target, Task
+from etda.batch import run_model, take, unsqueeze0
+from etda.task import Target, Task, scalar
 
 
 @dataclass
@@ -37,11 +39,16 @@ class Layer:
         return self.d_out * self.d_in
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """HuggingFace's ``Conv1D`` (GPT-2): a Linear layer whose weight is stored ``(in, out)``."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
 def _supported(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_hf_conv1d(module):
         return True
     return (
-        isinstance(module, nn.Conv2d)
+        isinstance(module, nn.Conv2d | nn.Conv1d)
         and module.groups == 1
         and module.padding_mode == "zeros"
         and not isinstance(module.padding, str)
@@ -61,8 +68,11 @@ def find_layers(model: nn.Module, params: list[str]) -> tuple[list[Layer], list[
         b = prefix + "bias" if module.bias is not None and prefix + "bias" in chosen else None
         if w is None and b is None:
             continue
-        d_out = module.weight.shape[0]
-        d_in = (module.weight[0].numel() if w else 0) + (1 if b else 0)
+        if is_hf_conv1d(module):  # weight (in, out)
+            d_out, d_w = module.weight.shape[1], module.weight.shape[0]
+        else:
+            d_out, d_w = module.weight.shape[0], module.weight[0].numel()
+        d_in = (d_w if w else 0) + (1 if b else 0)
         layers.append(Layer(mname, module, w, b, d_out, d_in))
         covered.update(n for n in (w, b) if n)
     rest = [p for p in params if p not in covered]
@@ -86,7 +96,16 @@ class Captured:
 def _as_rows(module: nn.Module, inp: Tensor, out_grad: Tensor) -> tuple[Tensor, Tensor]:
     """Inputs and output gradients of one call as ``A (B, L, i)`` and ``D (B, L, o)``."""
     b = inp.shape[0]
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, nn.Conv1d):  # as a Conv2d of height 1
+        a = nn.functional.unfold(
+            inp.unsqueeze(2),
+            (1, module.kernel_size[0]),
+            dilation=(1, module.dilation[0]),
+            padding=(0, module.padding[0]),
+            stride=(1, module.stride[0]),
+        ).transpose(1, 2)
+        d = out_grad.transpose(1, 2)
+    elif isinstance(module, nn.Conv2d):
         a = nn.functional.unfold(
             inp,
             module.kernel_size,
@@ -142,14 +161,14 @@ def capture(
         handles.append(layer.module.register_forward_hook(hook))
     try:
         with torch.enable_grad():
-            out = model(x)
+            out = run_model(model, x, task)
             task.check(out, y)
             result = Captured(out=out.detach())
             if layers:
                 outputs = [o for j in records for _, o in records[j]]
                 if any(not o.requires_grad for o in outputs):
                     raise RuntimeError("a hooked layer's output does not require grad")
-                s = task.scalar(target, out, y).sum()
+                s = scalar(task, target, out, y).sum()
                 grads = torch.autograd.grad(s, outputs, allow_unused=True)
     finally:
         for h in handles:
@@ -181,12 +200,54 @@ def vmap_grads(
     params = {n: p.detach() for n, p in model.named_parameters()}
     wrt = {n: params[n] for n in names}
     buffers, buf_dims = mask_in_dims(model)
+    call = TaskForward(model, task)  # the task's forward, with parameters swapped in
 
-    def scalar(p: dict[str, Tensor], bufs: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
-        out = functional_call(model, ({**params, **p}, bufs), (xi.unsqueeze(0),))
-        return task.scalar(target, out, yi.unsqueeze(0)).squeeze(0)
+    def one(p: dict[str, Tensor], bufs: dict[str, Tensor], xi: Any, yi: Tensor) -> Tensor:
+        out = functional_call(call, (prefixed({**params, **p}), prefixed(bufs)), (unsqueeze0(xi),))
+        return scalar(task, target, out, yi.unsqueeze(0)).squeeze(0)
 
-    return vmap(grad(scalar), in_dims=(None, buf_dims, 0, 0))(wrt, buffers, x, y)
+    try:
+        return vmap(grad(one), in_dims=(None, buf_dims, 0, 0))(wrt, buffers, x, y)
+    except RuntimeError as e:
+        if "vmap" not in str(e):
+            raise
+        # The forward has data-dependent control flow (e.g. HuggingFace attention masks):
+        # one backward pass per example instead, exact and general, slower.
+        return loop_grads(model, task, target, x, y, names)
+
+
+def loop_grads(
+    model: nn.Module, task: Task, target: Target, x: Any, y: Tensor, names: list[str]
+) -> dict[str, Tensor]:
+    """Per-example gradients ``{name: (B, *shape)}`` by one backward pass per example."""
+    params = dict(model.named_parameters())
+    wrt = [params[n] for n in names]
+    rows: list[list[Tensor]] = []
+    with torch.enable_grad():
+        for i in range(y.shape[0]):
+            out = run_model(model, take(x, i, i + 1), task)
+            s = scalar(task, target, out, y[i : i + 1]).sum()
+            gs = torch.autograd.grad(s, wrt, allow_unused=True)
+            rows.append(
+                [torch.zeros_like(p) if g is None else g for g, p in zip(gs, wrt, strict=True)]
+            )
+    return {n: torch.stack([r[k] for r in rows]) for k, n in enumerate(names)}
+
+
+class TaskForward(nn.Module):
+    """``run_model(model, x, task)`` as a module, so that ``functional_call`` can swap the
+    model's parameters (named ``model.<name>``) under any task's forward and input type."""
+
+    def __init__(self, model: nn.Module, task: Task) -> None:
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, x: Any) -> Tensor:
+        return run_model(self.model, x, self.task)
+
+
+def prefixed(d: dict) -> dict:
+    return {f"model.{k}": v for k, v in d.items()}
 
 
 def flat_gradient(
@@ -203,7 +264,10 @@ def flat_gradient(
         if layer.weight is not None:
             n_w = shapes[layer.weight].numel()
             o = offsets[layer.weight]
-            flat[:, o : o + n_w] = w[:, :, : n_w // layer.d_out].reshape(b, -1)
+            wg = w[:, :, : n_w // layer.d_out]
+            if is_hf_conv1d(layer.module):  # stored (in, out)
+                wg = wg.transpose(1, 2)
+            flat[:, o : o + n_w] = wg.reshape(b, -1)
         if layer.bias is not None:
             o = offsets[layer.bias]
             flat[:, o : o + layer.d_out] = w[:, :, -1]

@@ -38,6 +38,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor, nn
 
+from etda import batch
 from etda.features.capture import Captured, Layer, capture, set_example_index
 from etda.io import atomic_write
 from etda.seeding import uniform
@@ -205,7 +206,7 @@ def fit(
         for name, g in cap.rest.items():
             covs.add(f"r.{name}", g.reshape(g.shape[0], -1).to(torch.float64).pow(2).sum(0))
         covs.step(hi)
-    n = inputs.x.shape[0]
+    n = batch.n_rows(inputs.x)
     bases = []
     for j in range(len(inputs.layers)):
         s_val, q_s = torch.linalg.eigh(covs[f"s{j}"] / n)
@@ -235,7 +236,7 @@ def _refit_eigenvalues(
             rot = torch.einsum("blo,bli->boi", d.to(torch.float64) @ q_s, a.to(torch.float64) @ q_a)
             sums.add(f"e{j}", rot.pow(2).sum(0))
         sums.step(hi)
-    n = inputs.x.shape[0]
+    n = batch.n_rows(inputs.x)
     out = [(q_s, q_a, sums[f"e{j}"] / n) for j, (q_s, q_a, _) in enumerate(bases)]
     sums.finish()
     return out
@@ -272,13 +273,14 @@ def _chunks(
     """Captured loss gradients of the training set, chunk by chunk from row ``start``, at the
     labels the Fisher asks for (sampled from the model, or the true ones)."""
     model, task, x, y = inputs.model, inputs.task, inputs.x, inputs.y
-    n = x.shape[0]
+    n = batch.n_rows(x)
+    p = next(model.parameters())
     for lo in range(start, n, inputs.chunk_size):
         hi = min(lo + inputs.chunk_size, n)
         index = torch.arange(lo, hi)
         set_example_index(model, index)
-        xb = x[lo:hi].to(inputs.dtype) if x.is_floating_point() else x[lo:hi]
-        labels = y[lo:hi]
+        xb = batch.cast(batch.take(x, lo, hi), inputs.dtype, p.device)
+        labels = y[lo:hi].to(p.device)
         if spec.fisher == "sampled":
             labels = sample_labels(model, task, xb, labels, index, spec.seed)
         cap = capture(model, task, "loss", xb, labels, inputs.layers, inputs.rest)
@@ -299,11 +301,14 @@ def sample_labels(
             "model (no sample(out, u) method); use fisher='empirical' (the true labels)"
         )
     with torch.no_grad():
-        out = model(x)
+        out = batch.run_model(model, x, task)
     positions = int(np.prod(y.shape[1:])) if y.ndim > 1 else 1
     keys = index.numpy()[:, None] * positions + np.arange(positions)[None, :]
-    u = torch.from_numpy(uniform(_LABEL_KEY, seed, keys)).reshape(y.shape)
-    return sample(out, u)
+    u = torch.from_numpy(uniform(_LABEL_KEY, seed, keys)).reshape(y.shape).to(out.device)
+    labels = sample(out, u)
+    if y.ndim > 1:  # padding stays padding: those positions count nowhere
+        labels = torch.where(y == -100, y, labels)
+    return labels
 
 
 class _Sums:

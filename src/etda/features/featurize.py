@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from etda import batch
 from etda.features.capture import Captured, Layer, capture, find_layers, flat_gradient
 from etda.features.curvature import Preconditioner
 from etda.features.projectors import (
@@ -28,7 +29,7 @@ from etda.features.projectors import (
     Identity,
     TensorSketch,
 )
-from etda.task import Target, Task
+from etda.task import Target, Task, q_weights
 
 PROJECTIONS = ("none", "identity", "gaussian", "rademacher", "sparse", "factored")
 
@@ -122,9 +123,9 @@ class Featurizer:
         for m in self.model.modules():  # per-example masks need an index, even for a probe
             if hasattr(m, "set_index"):
                 m.set_index(torch.arange(1))
-        if x.is_floating_point():
-            x = x.to(next(self.model.parameters()).dtype)
-        cap = capture(self.model, self.task, self.target, x[:1], y[:1], self.layers, [])
+        p = next(self.model.parameters())
+        x = batch.cast(batch.take(x, 0, 1), p.dtype, p.device)
+        cap = capture(self.model, self.task, self.target, x, y[:1].to(p.device), self.layers, [])
         return [d.shape[1] for d, _ in cap.factors]
 
     def widths(self) -> dict[str, int]:
@@ -152,7 +153,7 @@ class Featurizer:
         cap = capture(self.model, self.task, self.target, x, y, self.layers, self.rest)
         blocks = self._blocks(cap)
         blocks["f"] = self.task.output(cap.out, y).unsqueeze(1)
-        blocks["q"] = self.task.q(cap.out, y).unsqueeze(1)
+        blocks["q"] = q_weights(self.task, cap.out, y).unsqueeze(1)
         return blocks
 
     def _blocks(self, cap: Captured) -> dict[str, Tensor]:
@@ -174,7 +175,7 @@ class Featurizer:
             if parts:
                 out["g"] = torch.cat(parts, 1)
             return out
-        phi = torch.zeros(b, self.spec.dim, dtype=cap.out.dtype)
+        phi = torch.zeros(b, self.spec.dim, dtype=cap.out.dtype, device=cap.out.device)
         for j, ((d, a), sk) in enumerate(zip(cap.factors, self.sketches, strict=True)):
             if isinstance(sk, TensorSketch):
                 phi += sk(d, a)

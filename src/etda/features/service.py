@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from etda import batch
 from etda._version import __version__
 from etda.cost import Costs, timer
 from etda.features.blocks import Features, StreamedFeatures, TrainFeatures
@@ -30,7 +31,7 @@ from etda.features.curvature import fit as fit_curvature
 from etda.features.featurize import FeatureSpec, Featurizer, check_finite
 from etda.features.store import FeatureStore, SplitStore
 from etda.io import atomic_write
-from etda.task import ParamSelector, Task, select_parameters
+from etda.task import ParamSelector, Task, q_weights, select_parameters
 
 TEST_INDEX_OFFSET = 1 << 40  # test examples get their own keys for per-example masks
 
@@ -40,9 +41,10 @@ def member_tag(i: int) -> str:
     return f"member-{i:03d}"
 
 
-def fingerprint(*tensors: Tensor) -> str:
-    """A short content hash of tensors (shapes, dtypes and bytes)."""
+def fingerprint(*data: batch.Inputs) -> str:
+    """A short content hash of tensors or dicts of tensors (shapes, dtypes and bytes)."""
     h = hashlib.sha256()
+    tensors = [t for d in data for t in batch.leaves(d)]
     for t in tensors:
         h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
         h.update(t.detach().contiguous().cpu().numpy().tobytes())
@@ -62,9 +64,10 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:24]
 
 
-def cast_inputs(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """Floating inputs follow the model's dtype; integer inputs (tokens) stay as they are."""
-    return x.to(dtype) if x.is_floating_point() else x
+def cast_inputs(x: batch.Inputs, dtype: torch.dtype) -> batch.Inputs:
+    """Floating inputs follow the model's dtype; integer inputs (tokens) stay as they are;
+    both go to the model's device (features come back to the host for the store)."""
+    return batch.cast(x, dtype)
 
 
 def compute_rows(
@@ -81,7 +84,10 @@ def compute_rows(
     """Feature blocks of examples ``[lo, hi)`` (per-example masks keyed by ``offset + i``)."""
     index = torch.arange(lo, hi) + offset
     set_example_index(model, index)
-    blocks = fz(cast_inputs(x[lo:hi], dtype), y[lo:hi])
+    device = _device(model)
+    xb = batch.cast(batch.take(x, lo, hi), dtype, device)
+    blocks = fz(xb, y[lo:hi].to(device))
+    blocks = {k: v.cpu() for k, v in blocks.items()}
     check_finite(blocks, index - offset, what)
     return blocks
 
@@ -98,7 +104,7 @@ class Split:
 
     @property
     def n(self) -> int:
-        return int(self.x.shape[0])
+        return batch.n_rows(self.x)
 
 
 @dataclass
@@ -281,12 +287,20 @@ class FeatureService:
         qs = []
         x, y = self.train.x, self.train.y
         with torch.no_grad():
-            for lo in range(0, x.shape[0], self.chunk_size):
-                hi = min(lo + self.chunk_size, x.shape[0])
+            n = batch.n_rows(x)
+            device = _device(model)
+            for lo in range(0, n, self.chunk_size):
+                hi = min(lo + self.chunk_size, n)
                 set_example_index(model, torch.arange(lo, hi))
-                out = model(cast_inputs(x[lo:hi], self.torch_dtype))
-                qs.append(self.task.q(out, y[lo:hi]))
+                xb = batch.cast(batch.take(x, lo, hi), self.torch_dtype, device)
+                out = batch.run_model(model, xb, self.task)
+                qs.append(q_weights(self.task, out, y[lo:hi].to(device)).cpu())
         return torch.cat(qs).to(torch.float64)
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def load_checkpoint(model: nn.Module, state: dict | nn.Module) -> nn.Module:

@@ -9,20 +9,32 @@ Layout (one folder per member and split)::
 Rows are written, flushed, and only then recorded in ``done.json`` (atomically, by
 rename), so a killed run never leaves half-written rows marked valid; the next run
 computes just the missing ranges. A folder whose metadata differs from the request is
-refused (never silently reused) and a range whose checksum fails is reported as corrupt.
-``FeatureStore(None)`` keeps everything in memory with the same interface.
+refused (never silently reused) and a range whose checksum fails is reported as corrupt,
+or, with ``repair=True``, recomputed (only the failing ranges).
+
+One writer at a time: opening a split that still has rows to compute takes an exclusive
+lock (``ROOT/member-000/train.lock``, a ``filelock`` lock) until the split is complete, so
+a second process on the same store waits (or, after ``lock_timeout`` seconds, refuses with
+:class:`StoreLockedError`) and then finds the rows done instead of writing them again.
+Only JSON and ``.npy`` arrays (never pickles) are read back, and everything read is
+validated. ``FeatureStore(None)`` keeps everything in memory with the same interface.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
+import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from torch import Tensor
 
 
@@ -32,6 +44,74 @@ class StaleStoreError(RuntimeError):
 
 class CorruptStoreError(RuntimeError):
     """Stored features fail their checksum or are unreadable."""
+
+
+class StoreLockedError(RuntimeError):
+    """Another process is writing the same feature store (its lock was not released in time)."""
+
+
+REPAIR_HINT = (
+    "pass repair=True (CLI --repair) to recompute only the damaged rows, or delete the folder "
+    "to recompute everything"
+)
+
+# Locks this process holds, by lock file: a process may open the same split several times
+# (members sharing features, the driver of worker jobs); filelock counts re-entries.
+_LOCKS: dict[str, FileLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock(path: Path) -> FileLock:
+    with _LOCKS_GUARD:
+        key = str(path.resolve())
+        if key not in _LOCKS:
+            _LOCKS[key] = FileLock(key, thread_local=False)
+        return _LOCKS[key]
+
+
+def acquire_lock(path: Path, timeout: float | None, what: str) -> FileLock:
+    """Take the writer lock ``path`` (re-entrant within this process): wait up to ``timeout``
+    seconds (None: as long as it takes, saying so on stderr) or raise StoreLockedError."""
+    lock = _lock(path)
+    owner = path.with_name(path.name + ".owner")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = _read_owner(owner)
+        if timeout is not None and timeout <= 0:
+            raise StoreLockedError(_locked_message(what, path, holder, timeout)) from None
+        print(f"etda: waiting for {what}: {path} is held by {holder}", file=sys.stderr)
+        try:
+            lock.acquire(timeout=-1 if timeout is None else timeout)
+        except Timeout:
+            raise StoreLockedError(_locked_message(what, path, holder, timeout)) from None
+    if lock.lock_counter == 1:
+        with contextlib.suppress(OSError):  # informational only
+            owner.write_text(json.dumps({"pid": os.getpid()}))
+    return lock
+
+
+def _read_owner(owner: Path) -> str:
+    try:
+        return f"process {int(json.loads(owner.read_text())['pid'])}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _locked_message(what: str, path: Path, holder: str, timeout: float | None) -> str:
+    return (
+        f"{what} is being written by {holder} (lock {path}, not released within {timeout} s); "
+        "wait for that run to finish and retry, or use another directory"
+    )
+
+
+def release_lock(lock: FileLock) -> None:
+    if not lock.is_locked:
+        return
+    if lock.lock_counter == 1:
+        with contextlib.suppress(OSError):
+            Path(lock.lock_file + ".owner").unlink(missing_ok=True)
+    lock.release()
 
 
 def _atomic_write_json(path: Path, obj: object) -> None:
@@ -83,6 +163,13 @@ class SplitStore:
     bytes; the width-1 output and Q blocks always keep the compute dtype). On disk, rows are
     written and read with plain file I/O, so streaming over a large store (``rows``) does
     not grow the process's resident memory; ``load`` maps whole arrays for small problems.
+
+    Reopening a folder validates ``done.json`` and the array headers and checks every
+    recorded range against its checksum: a failing range raises :class:`CorruptStoreError`,
+    or with ``repair=True`` is dropped from ``done.json`` (listed in ``repaired``) so that it
+    is computed again; unreadable arrays are then recreated. ``lock``: the writer lock held
+    for this split (released when the split is complete, on :meth:`close`, or when the
+    store is garbage collected).
     """
 
     def __init__(
@@ -92,6 +179,8 @@ class SplitStore:
         widths: dict[str, int],
         dtype: torch.dtype,
         storage: str = "float32",
+        repair: bool = False,
+        lock: FileLock | None = None,
     ) -> None:
         self.folder, self.n, self.widths = folder, n, dict(sorted(widths.items()))
         self.dtype, self.storage = dtype, storage
@@ -102,48 +191,99 @@ class SplitStore:
         self.arrays: dict[str, np.ndarray] = {}
         self.offsets: dict[str, int] = {}
         self.done: list[list] = []  # [lo, hi, checksum]
+        self.repaired: list[tuple[int, int]] = []  # ranges dropped by repair=True
+        self._verified: set[tuple[int, int, str]] = set()
+        self._lock, self._finalizer = lock, None
+        if lock is not None:
+            self._finalizer = weakref.finalize(self, release_lock, lock)
         if folder is None:
             self.arrays = {k: np.zeros((n, w), self.np_dtypes[k]) for k, w in self.widths.items()}
             return
         folder.mkdir(parents=True, exist_ok=True)
-        done_file = folder / "done.json"
-        if done_file.exists():
+        if (folder / "done.json").exists():
             try:
-                self.done = json.loads(done_file.read_text())["ranges"]
-                for k, w in self.widths.items():
-                    a = np.load(folder / f"{k}.npy", mmap_mode="r")
-                    if a.shape != (n, w) or a.dtype != self.np_dtypes[k]:
-                        raise CorruptStoreError(
-                            f"{folder / k}.npy has shape {a.shape} and dtype {a.dtype}, "
-                            f"expected {(n, w)} {self.np_dtypes[k]}"
-                        )
-                    self.offsets[k] = a.offset
-                    del a
-            except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-                raise CorruptStoreError(
-                    f"feature store {folder} is unreadable ({e}); delete the folder to recompute"
-                ) from e
+                self._open_existing()
+            except CorruptStoreError:
+                if not repair:
+                    raise
+                self.done, self.repaired = [], [(0, n)]
+                self._create_arrays()
+            if repair:
+                self._repair()
         else:
+            self._create_arrays()
+        if self.complete:
+            self.close()
+
+    def _create_arrays(self) -> None:
+        assert self.folder is not None
+        for k, w in self.widths.items():
+            a = np.lib.format.open_memmap(
+                self.folder / f"{k}.npy", mode="w+", dtype=self.np_dtypes[k], shape=(self.n, w)
+            )
+            self.offsets[k] = a.offset
+            del a  # header written; rows go through file I/O
+        self._save_done()
+
+    def _open_existing(self) -> None:
+        assert self.folder is not None
+        folder = self.folder
+        try:
+            self.done = _valid_ranges(json.loads((folder / "done.json").read_text()), self.n)
             for k, w in self.widths.items():
-                a = np.lib.format.open_memmap(
-                    folder / f"{k}.npy", mode="w+", dtype=self.np_dtypes[k], shape=(n, w)
-                )
+                # allow_pickle=False (numpy's default, stated): an object array never loads.
+                a = np.load(folder / f"{k}.npy", mmap_mode="r", allow_pickle=False)
+                if a.shape != (self.n, w) or a.dtype != self.np_dtypes[k]:
+                    raise CorruptStoreError(
+                        f"{folder / k}.npy has shape {a.shape} and dtype {a.dtype}, "
+                        f"expected {(self.n, w)} {self.np_dtypes[k]}; {REPAIR_HINT}"
+                    )
                 self.offsets[k] = a.offset
-                del a  # header written; rows go through file I/O
+                del a
+        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise CorruptStoreError(
+                f"feature store {folder} is unreadable ({e}); {REPAIR_HINT}"
+            ) from e
+
+    def _repair(self) -> None:
+        """Drop every recorded range that fails its checksum (they are then missing)."""
+        kept = []
+        for lo, hi, cs in self.done:
+            try:
+                ok = self._checksum_of(lo, hi) == cs
+            except CorruptStoreError:
+                ok = False
+            if ok:
+                kept.append([lo, hi, cs])
+                self._verified.add((lo, hi, cs))
+            else:
+                self.repaired.append((lo, hi))
+        if len(kept) != len(self.done):
+            self.done = kept
             self._save_done()
 
     def _save_done(self) -> None:
         if self.folder is not None:
             _atomic_write_json(self.folder / "done.json", {"ranges": self.done})
 
+    def close(self) -> None:
+        """Release this split's writer lock (if held); reading stays possible."""
+        if self._finalizer is not None:
+            self._finalizer()
+            self._finalizer = None
+
+    def _covered(self) -> np.ndarray:
+        covered = np.zeros(self.n, dtype=bool)
+        for lo, hi, _ in self.done:
+            covered[lo:hi] = True
+        return covered
+
     def missing(self, chunk: int) -> Iterator[tuple[int, int]]:
         """Row ranges ``[lo, hi)`` still to compute, at most ``chunk`` rows each.
 
         Ranges end on multiples of ``chunk`` where possible, so every run (in one process
         or sharded over workers) computes the same chunks."""
-        covered = np.zeros(self.n, dtype=bool)
-        for lo, hi, _ in self.done:
-            covered[lo:hi] = True
+        covered = self._covered()
         i = 0
         while i < self.n:
             if covered[i]:
@@ -157,7 +297,7 @@ class SplitStore:
 
     @property
     def complete(self) -> bool:
-        return sum(hi - lo for lo, hi, _ in self.done) == self.n
+        return bool(self._covered().all())
 
     def encode(self, blocks: dict[str, Tensor]) -> dict[str, np.ndarray]:
         """Computed blocks as the arrays this store keeps (storage precision)."""
@@ -178,7 +318,9 @@ class SplitStore:
         """Store rows ``[lo, hi)``; they are recorded as done only after reaching the file."""
         arrays = self.encode(blocks)
         self.write_encoded(lo, hi, arrays)
-        self.record(lo, hi, _checksum([arrays[k] for k in self.widths], 0, hi - lo))
+        cs = _checksum([arrays[k] for k in self.widths], 0, hi - lo)
+        self._verified.add((lo, hi, cs))
+        self.record(lo, hi, cs)
 
     def write_encoded(self, lo: int, hi: int, arrays: dict[str, np.ndarray]) -> None:
         """Write encoded rows without recording them (workers write, the driver records)."""
@@ -199,6 +341,8 @@ class SplitStore:
         """Mark rows ``[lo, hi)`` as done (their bytes have the given checksum)."""
         self.done.append([lo, hi, checksum])
         self._save_done()
+        if self.complete:
+            self.close()
 
     def raw(self, key: str, lo: int, hi: int) -> np.ndarray:
         """Stored rows ``[lo, hi)`` of block ``key`` as a fresh array (storage precision)."""
@@ -209,7 +353,9 @@ class SplitStore:
             f.seek(self.offsets[key] + lo * w * dt.itemsize)
             a = np.fromfile(f, dtype=dt, count=(hi - lo) * w)
         if a.size != (hi - lo) * w:
-            raise CorruptStoreError(f"feature store {self.folder}: {key}.npy is truncated")
+            raise CorruptStoreError(
+                f"feature store {self.folder}: {key}.npy is truncated; {REPAIR_HINT}"
+            )
         return a.reshape(hi - lo, w)
 
     def rows(self, lo: int, hi: int, keys: list[str] | None = None) -> dict[str, Tensor]:
@@ -219,16 +365,23 @@ class SplitStore:
             for k in (keys or list(self.widths))
         }
 
+    def _checksum_of(self, lo: int, hi: int) -> str:
+        return _checksum([self.raw(k, lo, hi) for k in self.widths], 0, hi - lo)
+
     def verify(self) -> None:
-        """Check every recorded range against its checksum (reads the files once)."""
+        """Check every recorded range against its checksum (reads each range once per
+        store object: ranges this object wrote or already checked are not read again)."""
         if self.folder is None:
             return
         for lo, hi, cs in self.done:
-            if _checksum([self.raw(k, lo, hi) for k in self.widths], 0, hi - lo) != cs:
+            if (lo, hi, cs) in self._verified:
+                continue
+            if self._checksum_of(lo, hi) != cs:
                 raise CorruptStoreError(
                     f"feature store {self.folder}: rows {lo}:{hi} fail their checksum "
-                    "(the files were modified or damaged); delete the folder to recompute"
+                    f"(the files were modified or damaged); {REPAIR_HINT}"
                 )
+            self._verified.add((lo, hi, cs))
 
     def load(self, verify: bool = True) -> dict[str, Tensor]:
         """All blocks as tensors ``{name: (n, width)}`` in the compute dtype (float32 on
@@ -242,7 +395,7 @@ class SplitStore:
             a = (
                 self.arrays[k]
                 if self.folder is None
-                else np.load(self.folder / f"{k}.npy", mmap_mode="r+")
+                else np.load(self.folder / f"{k}.npy", mmap_mode="r+", allow_pickle=False)
             )
             out[k] = from_storage(a, self.kinds[k], self.dtype)
         return out
@@ -258,6 +411,22 @@ class SplitStore:
         )
 
 
+def _valid_ranges(obj: object, n: int) -> list[list]:
+    """``done.json`` content -> its ranges, each ``[lo, hi, checksum]`` with
+    ``0 <= lo < hi <= n``; anything else raises ValueError."""
+    ranges = obj.get("ranges") if isinstance(obj, dict) else None
+    if not isinstance(ranges, list):
+        raise ValueError("done.json must hold {'ranges': [[lo, hi, checksum], ...]}")
+    out = []
+    for r in ranges:
+        ok = isinstance(r, list) and len(r) == 3 and isinstance(r[2], str)
+        ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in r[:2])
+        if not ok or not 0 <= r[0] < r[1] <= n:
+            raise ValueError(f"done.json holds an invalid range {r!r} for {n} rows")
+        out.append([r[0], r[1], r[2]])
+    return out
+
+
 def _checksum(arrays: list[np.ndarray], lo: int, hi: int) -> str:
     """Checksum of rows ``[lo, hi)`` of ``arrays`` (the bytes exactly as stored)."""
     h = hashlib.sha256()
@@ -267,10 +436,22 @@ def _checksum(arrays: list[np.ndarray], lo: int, hi: int) -> str:
 
 
 class FeatureStore:
-    """Root of a feature store; ``root=None`` keeps features in memory only."""
+    """Root of a feature store; ``root=None`` keeps features in memory only.
 
-    def __init__(self, root: str | os.PathLike | None = None) -> None:
+    ``repair``: recompute the recorded ranges that fail their checksum (and recreate
+    unreadable arrays) instead of refusing the store. ``lock_timeout``: seconds to wait for
+    another process writing the same split (None: as long as it takes; 0: refuse at once)
+    before :class:`StoreLockedError`.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike | None = None,
+        repair: bool = False,
+        lock_timeout: float | None = None,
+    ) -> None:
         self.root = Path(root) if root is not None else None
+        self.repair, self.lock_timeout = bool(repair), lock_timeout
 
     def split(
         self,
@@ -284,7 +465,8 @@ class FeatureStore:
     ) -> SplitStore:
         """Open (resume) or create the store of one member's split, validating ``meta``.
 
-        ``storage``: precision of the stored features (``float32 | float16 | bfloat16``)."""
+        ``storage``: precision of the stored features (``float32 | float16 | bfloat16``).
+        Holds the split's writer lock while it has rows to compute (see the module doc)."""
         storage_np_dtype(storage)  # validates the name
         if self.root is None:
             return SplitStore(None, n, widths, dtype, storage)
@@ -292,22 +474,43 @@ class FeatureStore:
         meta = json.loads(
             json.dumps({**meta, "n": n, "widths": widths, "storage": storage}, sort_keys=True)
         )
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = acquire_lock(
+            folder.parent / f"{split}.lock", self.lock_timeout, f"feature store {folder}"
+        )
+        try:
+            self._check_meta(folder, meta)
+            return SplitStore(folder, n, widths, dtype, storage, self.repair, lock)
+        except BaseException:
+            release_lock(lock)
+            raise
+
+    def _check_meta(self, folder: Path, meta: dict) -> None:
+        """Refuse a folder written for something else; start a fresh one (under the lock)."""
         meta_file = folder / "meta.json"
+        old: object = None
         if meta_file.exists():
             try:
                 old = json.loads(meta_file.read_text())
-            except json.JSONDecodeError as e:
-                raise CorruptStoreError(f"{meta_file} is unreadable; delete {folder}") from e
+                if not isinstance(old, dict):
+                    raise ValueError(f"expected a JSON object, got {type(old).__name__}")
+            except (OSError, ValueError) as e:
+                if not self.repair:
+                    raise CorruptStoreError(
+                        f"{meta_file} is unreadable ({e}); pass repair=True (CLI --repair) to "
+                        f"recompute the store, or delete {folder}"
+                    ) from e
+                old = None
+        if isinstance(old, dict):
             if old != meta:
                 diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
                 raise StaleStoreError(
                     f"feature store {folder} was written for a different {', '.join(diff)}; "
                     "it is not reused. Delete it, or pass another store directory."
                 )
-        else:
-            folder.mkdir(parents=True, exist_ok=True)
-            for stale in folder.glob("*.npy"):
-                stale.unlink()
-            (folder / "done.json").unlink(missing_ok=True)
-            _atomic_write_json(meta_file, meta)
-        return SplitStore(folder, n, widths, dtype, storage)
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.npy"):
+            stale.unlink()
+        (folder / "done.json").unlink(missing_ok=True)
+        _atomic_write_json(meta_file, meta)

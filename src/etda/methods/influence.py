@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad, jvp
 
+from etda import batch
 from etda.features.blocks import Features, TrainFeatures
 from etda.features.curvature import CURVATURES, CurvatureSpec
 from etda.methods.base import Diagonal, MemberContext, MemberFactors, Method
@@ -143,24 +144,31 @@ class InfluenceFunction(Method):
                 "IF with solver='cg' needs a flat projection: projection='identity' (exact), "
                 "'gaussian', 'rademacher' or 'sparse'"
             )
-        from etda.features.capture import capture, flat_gradient, set_example_index
+        from etda.features.capture import (
+            TaskForward,
+            capture,
+            flat_gradient,
+            prefixed,
+            set_example_index,
+        )
         from etda.features.service import TEST_INDEX_OFFSET
 
         model, task, names = ctx.model, ctx.task, ctx.params
         x, y = ctx.train_xy
         xt, yt = ctx.test_xy
-        set_example_index(model, torch.arange(xt.shape[0]) + TEST_INDEX_OFFSET)
+        set_example_index(model, torch.arange(batch.n_rows(xt)) + TEST_INDEX_OFFSET)
         cap = capture(model, task, "loss", xt, yt, fz.layers, fz.rest)
         test_g = flat_gradient(cap, fz.layers, fz.params, fz.shapes).to(torch.float64)
-        set_example_index(model, torch.arange(x.shape[0]))  # training masks for the Hessian
+        set_example_index(model, torch.arange(batch.n_rows(x)))  # training masks for the Hessian
         params = {n: p.detach() for n, p in model.named_parameters()}
         wrt = {n: params[n] for n in names}
         with torch.no_grad():
-            model(x[:1] if not _per_example(model) else x)  # materialize masks
-        buffers = dict(model.named_buffers())
+            batch.run_model(model, x if _per_example(model) else batch.take(x, 0, 1), task)
+        buffers = prefixed(dict(model.named_buffers()))
+        call = TaskForward(model, task)
 
         def mean_loss(p: dict[str, Tensor]) -> Tensor:
-            out = functional_call(model, ({**params, **p}, buffers), (x,))
+            out = functional_call(call, (prefixed({**params, **p}), buffers), (x,))
             return task.loss(out, y).mean()
 
         g = grad(mean_loss)

@@ -117,6 +117,13 @@ class DampedSystem:
         cross = self.train.inner(test)  # (m, n)
         return scale * torch.cholesky_solve(cross.T, chol).T
 
+    def solve(self, test: Features | Mapping[str, Tensor], lam: float) -> Tensor:
+        """The damped scores ``phi_test (Phi^T Phi + lam I)^-1 Phi^T`` ``(n_test, n)`` (in
+        memory: for references and benchmarks; the engine scores from :meth:`left`)."""
+        test = Features(test) if isinstance(test, Mapping) else test
+        left = self.left(test, lam)
+        return left @ self.train.rows(0, self.n).T if self.form == "feature" else left
+
     def diagonal(self, lam: float) -> Tensor:
         """``diag(Phi (Phi^T Phi + lam I)^-1 Phi^T)`` ``(n,)`` without the ``n x n`` result."""
         if self.form == "feature":

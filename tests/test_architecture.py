@@ -19,6 +19,7 @@ ROOT = Path(etda.__file__).parent
 # The application layer: built-in settings, their model zoo and experiments, the CLI and the
 # benchmark/report tools. The library (everything else) must never import these.
 APPLICATION = (
+    "etda._launch",
     "etda.bench",
     "etda.cli",
     "etda.data",
@@ -30,6 +31,7 @@ APPLICATION = (
     "etda.plan",
     "etda.report",
     "etda.settings",
+    "etda.usercode",
     "etda.zoo",
 )
 MAX_FUNCTION_LINES = 80  # the redesign's limit for library functions

@@ -145,6 +145,8 @@ def test_bad_options_are_usage_errors(tmp_path, args, needle):
         (["-m", "tracin", "-e", "checkpoints"], "TracIn"),
         (["-e", "checkpoints", "-M", "60"], "60 checkpoints"),
         (["-e", "dropout"], "no dropout layers"),
+        (["--projection", "none", "--proj-dim", "8"], "proj_dim=8 has no effect"),
+        (["--projection", "identity", "--proj-dim", "8"], "projection='identity'"),
     ],
 )
 def test_bad_combinations_are_reported_in_red(tmp_path, args, needle):
@@ -152,6 +154,30 @@ def test_bad_combinations_are_reported_in_red(tmp_path, args, needle):
     assert result.exit_code == 2
     assert "error:" in result.stderr and needle in _text(result)
     assert not (tmp_path / "models").exists()  # rejected before any training
+
+
+def test_attribute_repair_recomputes_a_damaged_store(tmp_path):
+    """A flipped byte in the feature store: refused in red, naming --repair; with --repair
+    the damaged rows are recomputed and the scores are those of the undamaged run."""
+    store = tmp_path / "store"
+    args = ["attribute", "-s", "digits-logreg", "-m", "graddot", "--no-lds"]
+    args += ["--projection", "gaussian", "--proj-dim", "16", "--store", str(store)]
+    first = _invoke([*args, "--out", str(tmp_path / "a")], tmp_path)
+    assert first.exit_code == 0, first.output
+    phi = store / "member-000" / "train" / "phi.npy"
+    raw = bytearray(phi.read_bytes())
+    raw[-5] ^= 0xFF  # the last training example
+    phi.write_bytes(bytes(raw))
+    refused = _invoke([*args, "--out", str(tmp_path / "b")], tmp_path)
+    assert refused.exit_code == 2
+    assert "error:" in refused.stderr and "fail their checksum" in _text(refused)
+    assert "--repair" in _text(refused)
+    repaired = _invoke([*args, "--repair", "--out", str(tmp_path / "c")], tmp_path)
+    assert repaired.exit_code == 0, repaired.output
+    np.testing.assert_array_equal(
+        Scores.load(tmp_path / "c").values, Scores.load(tmp_path / "a").values
+    )
+    assert Scores.load(tmp_path / "c").config["options"]["repair"] is True
 
 
 # ------------------------------------------------------------------ experiment helpers

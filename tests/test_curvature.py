@@ -244,11 +244,34 @@ def test_curvature_with_every_ensemble(kind) -> None:
     assert rec["kind"] == kind and rec["fisher"] == "sampled" and len(rec["lam"]) == 2
 
 
-def test_out_of_core_equals_in_memory(tmp_path) -> None:
-    kw = dict(method="if", curvature="ekfac", dtype="float64", projection="factored", proj_dim=64)
+@pytest.mark.parametrize("sketch", [{}, {"projection": "factored", "proj_dim": 64}])
+def test_out_of_core_equals_in_memory(sketch, tmp_path, monkeypatch) -> None:
+    from etda.engine.memory import MemoryModel
+
+    kw = dict(method="if", curvature="ekfac", dtype="float64", **sketch)
     dense = etda.attribute(mlp(), TRAIN, TEST, out_of_core=False, **kw)
+    assert dense.config["projection"] == sketch.get("projection", "none")
+    monkeypatch.setattr(MemoryModel, "score_block", lambda *a, **k: 5)  # several blocks
+    monkeypatch.setattr(MemoryModel, "stream_rows", lambda *a, **k: 7)
     blocked = etda.attribute(mlp(), TRAIN, TEST, out_of_core=True, store=tmp_path, **kw)
+    assert blocked.config["out_of_core"]
     np.testing.assert_allclose(blocked.values, dense.values, rtol=1e-9, atol=1e-12)
+
+
+def test_auto_goes_out_of_core_for_exact_preconditioned_gradients(monkeypatch) -> None:
+    from etda.engine import memory
+
+    kw = dict(method="if", curvature="kfac", dtype="float64")
+    dense = etda.attribute(mlp(), TRAIN, TEST, **kw)
+    assert not dense.config["out_of_core"]
+    from etda.engine.memory import MemoryModel
+
+    # a process holding 100 MB whose dense path would need more than the 2 GB budget leaves
+    monkeypatch.setattr(memory, "rss_bytes", lambda: 100 * 2**20)
+    monkeypatch.setattr(MemoryModel, "dense_need", staticmethod(lambda *a: 4 * 2**30))
+    small = etda.attribute(mlp(), TRAIN, TEST, memory_budget="2GB", **kw)
+    assert small.config["out_of_core"] and small.config["projection"] == "none"
+    np.testing.assert_allclose(small.values, dense.values, rtol=1e-9, atol=1e-12)
 
 
 def test_self_influence_is_the_diagonal() -> None:

@@ -286,3 +286,138 @@ def test_lora_members_are_reproducible_and_reuse_the_store(tmp_path, monkeypatch
     second = run(tmp_path, method="graddot", projection="identity", ensemble=ens)
     assert counter.calls == 0
     np.testing.assert_array_equal(second.values, first.values)
+
+
+# --------------------------------------------------------------------------- repair
+
+
+def _flip_byte(path: Path, row: int, width: int, itemsize: int = 8) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[_data_offset(path) + row * width * itemsize + 3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("rows", [[5], [5, 17], [22]])
+def test_repair_recomputes_only_the_ranges_failing_their_checksum(
+    tmp_path, monkeypatch, reference, rows
+):
+    run(tmp_path)
+    folder = split_dir(tmp_path)
+    for r in rows:
+        _flip_byte(folder / "phi.npy", r, 32)
+    with pytest.raises(etda.CorruptStoreError, match=r"repair=True \(CLI --repair\)"):
+        run(tmp_path)
+    counter = CallCounter(monkeypatch)
+    fixed = run(tmp_path, repair=True)
+    chunks = {r // CHUNK for r in rows}
+    assert counter.calls == len(chunks)  # one featurizer call per damaged chunk, no more
+    np.testing.assert_array_equal(fixed.values, reference)
+    counter.calls = 0
+    np.testing.assert_array_equal(run(tmp_path).values, reference)  # the store is whole again
+    assert counter.calls == 0
+
+
+def test_repair_through_a_feature_store_object(tmp_path, monkeypatch, reference):
+    run(tmp_path)
+    _flip_byte(split_dir(tmp_path, "test") / "q.npy", 1, 1)
+    counter = CallCounter(monkeypatch)
+    fixed = run(etda.FeatureStore(tmp_path, repair=True))
+    assert counter.calls == 1
+    np.testing.assert_array_equal(fixed.values, reference)
+
+
+@pytest.mark.parametrize("damage", ["npy-header", "npy-missing", "done-json", "meta-json"])
+def test_repair_rebuilds_unreadable_files(tmp_path, monkeypatch, reference, damage):
+    run(tmp_path)
+    folder = split_dir(tmp_path)
+    if damage == "npy-header":
+        (folder / "phi.npy").write_bytes(b"garbage" + (folder / "phi.npy").read_bytes()[7:])
+    elif damage == "npy-missing":
+        (folder / "phi.npy").unlink()
+    elif damage == "done-json":
+        (folder / "done.json").write_text('{"ranges": [[0, 4, ')
+    else:
+        (folder / "meta.json").write_text("{not json")
+    counter = CallCounter(monkeypatch)
+    fixed = run(tmp_path, repair=True)
+    assert counter.calls == -(-N_TR // CHUNK)  # the damaged split only, every chunk of it
+    np.testing.assert_array_equal(fixed.values, reference)
+
+
+def test_repair_does_not_reuse_a_stale_store(tmp_path):
+    """repair is for damaged rows: a store of another model is still refused."""
+    run(tmp_path)
+    with pytest.raises(etda.StaleStoreError, match="weights"):
+        run(tmp_path, model=make_mlp(seed=1), repair=True)
+
+
+@pytest.mark.parametrize("repair", [1, "yes", None])
+def test_repair_must_be_a_bool(repair):
+    with pytest.raises(ValueError, match="repair must be True or False"):
+        run(repair=repair)
+
+
+# ---------------------------------------------------------------------- safe loading
+
+
+@pytest.mark.parametrize(
+    "ranges",
+    [
+        "not a list",
+        [[0, 4]],
+        [[0, 4, 7]],
+        [[0, 99, "abc"]],
+        [[-1, 4, "abc"]],
+        [[4, 4, "abc"]],
+        [[0.0, 4, "abc"]],
+        [[0, True, "abc"]],
+    ],
+)
+def test_tampered_done_json_is_refused(tmp_path, ranges):
+    run(tmp_path)
+    (split_dir(tmp_path) / "done.json").write_text(json.dumps({"ranges": ranges}))
+    with pytest.raises(etda.CorruptStoreError, match="done.json") as info:
+        run(tmp_path)
+    assert str(split_dir(tmp_path)) in str(info.value)
+
+
+def test_overlapping_ranges_do_not_make_a_store_look_complete(tmp_path, monkeypatch, reference):
+    """Two records of rows 0:20 sum to 40 >= 23 rows: coverage, not a row count, decides."""
+    run(tmp_path)
+    done = split_dir(tmp_path) / "done.json"
+    first = json.loads(done.read_text())["ranges"]
+    kept = [r for r in first if r[1] <= 20]
+    done.write_text(json.dumps({"ranges": kept + kept}))
+    counter = CallCounter(monkeypatch)
+    np.testing.assert_array_equal(run(tmp_path).values, reference)
+    assert counter.calls == 1  # rows 20:23 were missing and are computed
+
+
+@pytest.mark.parametrize("meta", ["[1, 2]", '"text"', "null"])
+def test_tampered_meta_json_is_refused(tmp_path, meta):
+    run(tmp_path)
+    (split_dir(tmp_path) / "meta.json").write_text(meta)
+    with pytest.raises(etda.CorruptStoreError, match="meta.json"):
+        run(tmp_path)
+
+
+def test_an_object_array_in_the_store_is_never_unpickled(tmp_path):
+    """A store array replaced by a pickled object array: refused, its pickle never runs."""
+    run(tmp_path)
+    marker = tmp_path / "executed"
+    np.save(split_dir(tmp_path) / "phi.npy", np.array([_Payload(marker)], dtype=object))
+    with pytest.raises(etda.CorruptStoreError, match="phi"):
+        run(tmp_path)
+    with pytest.raises(etda.CorruptStoreError):
+        run(tmp_path, out_of_core=True)
+    assert not marker.exists()
+
+
+class _Payload:
+    """Unpickling it would create ``marker`` (the test asserts it never happens)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from etda import __version__
+from etda.config import AttributeConfig
 from etda.ensemble import ENSEMBLES
 from etda.experiment import (
     PROJECTIONS,
@@ -27,6 +28,7 @@ from etda.experiment import (
     set_threads,
 )
 from etda.features.curvature import CURVATURES, FISHERS
+from etda.features.store import CorruptStoreError, StaleStoreError, StoreLockedError
 from etda.io import fmt_seconds, human_bytes, parse_seconds, parse_size
 from etda.methods import METHODS, method_takes
 from etda.parallel import EXECUTORS
@@ -56,10 +58,17 @@ def _err() -> Console:
 
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    """Errors caused by the inputs (bad option combinations, missing data): red, exit 2."""
+    """Errors caused by the inputs (bad option combinations, missing data, a damaged, stale
+    or busy --store): red, exit 2."""
     try:
         yield
-    except (ValueError, FileNotFoundError) as exc:
+    except (
+        ValueError,
+        FileNotFoundError,
+        CorruptStoreError,
+        StaleStoreError,
+        StoreLockedError,
+    ) as exc:
         _err().print(f"[bold red]error:[/bold red] {escape(str(exc))}")
         raise typer.Exit(2) from None
 
@@ -99,6 +108,29 @@ def _curvature_cb(value: str) -> str:
 
 def _fisher_cb(value: str) -> str:
     return _choice(value, FISHERS, "fisher")  # type: ignore[return-value]
+
+
+def _toml_defaults(ctx: typer.Context, value: Path | None) -> Path | None:
+    """``--config FILE``: the file's keys become the defaults of the command's options."""
+    if value is None:
+        return None
+    import tomllib
+
+    try:
+        data = tomllib.loads(Path(value).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise typer.BadParameter(f"cannot read {value}: {e}", param_hint="--config") from None
+    renamed = {"model": "model_ref", "train": "train_ref", "test": "test_ref", "task": "task_ref"}
+    names = {p.name for p in ctx.command.params}
+    defaults = {}
+    for key, v in data.items():
+        name = renamed.get(key, key.replace("-", "_"))
+        name = {"lds": "lds_on", "json": "json_out"}.get(name, name)
+        if name not in names:
+            raise typer.BadParameter(f"unknown key {key!r} in {value}", param_hint="--config")
+        defaults[name] = v
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
 
 
 def _positive_cb(value: int | None) -> int | None:
@@ -230,6 +262,39 @@ def _lds_config(n_subsets: int, fraction: float, seeds_per_subset: int):
 
 @app.command()
 def attribute(
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            callback=_toml_defaults,
+            is_eager=True,
+            help="A TOML file whose keys are this command's options (model, train, test, "
+            "method, ensemble, members, ...); options on the command line win.",
+        ),
+    ] = None,
+    model_ref: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Your model: pkg.module:name or file.py:name (a module, or a factory that "
+            "returns one or a list). With --train/--test instead of a built-in --setting.",
+        ),
+    ] = None,
+    train_ref: Annotated[
+        str | None,
+        typer.Option("--train", help="Your training data: pkg.module:name (or a factory)."),
+    ] = None,
+    test_ref: Annotated[
+        str | None,
+        typer.Option("--test", help="Your test data: pkg.module:name (or a factory)."),
+    ] = None,
+    task_ref: Annotated[
+        str | None,
+        typer.Option("--task", help="Your task: pkg.module:name (default: from the targets)."),
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print a JSON summary instead of tables.")
+    ] = False,
     setting: SettingOpt = "fmnist-mlp",
     method: MethodOpt = "trak",
     ensemble: EnsembleOpt = "none",
@@ -314,8 +379,12 @@ def attribute(
     ] = False,
     model_dir: ModelDirOpt = Path("runs/models"),
     lds_on: Annotated[
-        bool, typer.Option("--lds/--no-lds", help="Measure the LDS (ground truth cached).")
-    ] = True,
+        bool,
+        typer.Option(
+            "--lds/--no-lds",
+            help="Measure the LDS (retrains the setting's models on subsets; cached).",
+        ),
+    ] = False,
     n_subsets: NSubsetsOpt = 50,
     fraction: FractionOpt = 0.5,
     seeds_per_subset: SeedsPerSubsetOpt = 1,
@@ -369,10 +438,48 @@ def attribute(
                 f"method {method!r} has no curvature option (use -m if)", param_hint="--curvature"
             )
         method_options = {"curvature": curvature, "fisher": fisher}
+    if model_ref is not None:
+        if lds_on:
+            raise typer.BadParameter(
+                "the LDS of your own model needs its training function: use "
+                "etda.evaluate.lds from Python (the CLI computes it for built-in settings)",
+                param_hint="--lds",
+            )
+        set_threads(threads)
+        with _user_errors():
+            scores = _attribute_user_code(
+                model_ref,
+                train_ref,
+                test_ref,
+                task_ref,
+                method,
+                method_options,
+                damping,
+                ensemble,
+                members,
+                p,
+                rank,
+                lora_epochs,
+                seed,
+                proj_dim,
+                projection,
+                store,
+                progress,
+                _bytes_option(max_memory, "--max-memory"),
+                storage,
+                scores_out,
+                max(top_k, 10),
+            )
+        if out is not None:
+            scores.save(out)
+        _print_user_summary(scores, out, top, top_k, json_out)
+        return
     lds_config = _lds_config(n_subsets, fraction, seeds_per_subset) if lds_on else None
     out = out or default_out_dir(setting, method, ensemble, models, members, seed)
     set_threads(threads)
     with _user_errors():
+        # the attribution options alone, checked before any model is trained
+        AttributeConfig(proj_dim=proj_dim, projection=projection, storage=storage, repair=repair)
         scores, result = run_attribution(
             setting,
             method,
@@ -408,7 +515,97 @@ def attribute(
             },
         )
     scores.save(out)
+    if json_out:
+        from etda.usercode import dumps, summary
+
+        info = summary(scores, out, top, top_k)
+        info["lds"] = None if result is None else {"mean": result.mean, "sem": result.sem}
+        typer.echo(dumps(info))
+        return
     _print_summary(scores, result, out, top, top_k)
+
+
+def _attribute_user_code(
+    model_ref,
+    train_ref,
+    test_ref,
+    task_ref,
+    method,
+    method_options,
+    damping,
+    ensemble,
+    members,
+    p,
+    rank,
+    lora_epochs,
+    seed,
+    proj_dim,
+    projection,
+    store,
+    progress,
+    budget,
+    storage,
+    scores_out,
+    keep_top,
+):
+    """``etda.attribute`` on the user's model, data and task named by references."""
+    import etda
+    from etda.experiment import make_ensemble
+    from etda.usercode import build
+
+    if train_ref is None or test_ref is None:
+        raise ValueError("--model needs --train and --test (pkg.module:name references)")
+    options = dict(method_options)
+    if damping is not None:
+        options["damping"] = parse_damping(damping)
+    return etda.attribute(
+        build(model_ref),
+        train=build(train_ref),
+        test=build(test_ref),
+        method=etda.get_method(method, **options),
+        ensemble=make_ensemble(ensemble, members, p=p, rank=rank, lora_epochs=lora_epochs),
+        task=None if task_ref is None else build(task_ref),
+        proj_dim=proj_dim,
+        projection=projection,
+        seed=seed,
+        store=store,
+        progress=progress,
+        memory_budget=budget,
+        storage=storage,
+        scores_out=scores_out,
+        top_k=keep_top,
+    )
+
+
+def _print_user_summary(scores, out: Path | None, top: int, top_k: int, as_json: bool) -> None:
+    from etda.usercode import dumps, summary
+
+    info = summary(scores, out, top, top_k)
+    if as_json:
+        typer.echo(dumps(info))
+        return
+    con = _out()
+    con.print(
+        f"[bold]{escape(info['method'])}[/bold] · ensemble {escape(str(info['ensemble']))} "
+        f"({info['members']} member(s)) · task {escape(info['task'])}"
+    )
+    where = escape(str(out)) if out is not None else "not saved (pass --out DIR)"
+    con.print(f"scores: {info['n_test']} test x {info['n_train']} train -> {where}")
+    c = scores.costs
+    con.print(
+        f"serve {c.serve_s:.2f} s (featurize {c.featurize_train_s + c.featurize_test_s:.2f} s, "
+        f"score {c.score_s:.2f} s), {human_bytes(c.bytes)}"
+    )
+    table = Table(title=f"top {top_k} proponents (+) and opponents (-)")
+    for col in ("test", "proponents #train: score", "opponents #train: score"):
+        table.add_column(col)
+    for row in info["top"]:
+        table.add_row(
+            str(row["test"]),
+            "\n".join(f"#{j} {v:+.3g}" for j, v in row["proponents"]),
+            "\n".join(f"#{j} {v:+.3g}" for j, v in row["opponents"]),
+        )
+    con.print(table)
 
 
 def _print_summary(scores, result, out: Path, top: int, top_k: int) -> None:

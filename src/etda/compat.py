@@ -38,9 +38,10 @@ def check(method: Method, ensemble: Ensemble, checkpoints: Any = None) -> None:
         raise ValueError(f"method {method.name!r} needs checkpoints=[...] (and checkpoint_lrs)")
 
 
-def check_out_of_core(method: Method, projection: str) -> None:
-    """Refuse out-of-core scoring where it has no meaning."""
-    if projection == "none":
+def check_out_of_core(method: Method, projection: str, explicit_rows: bool = False) -> None:
+    """Refuse out-of-core scoring where it has no meaning (``explicit_rows``: the features
+    are explicit rows even without a projection, e.g. curvature-preconditioned gradients)."""
+    if projection == "none" and not explicit_rows:
         raise ValueError(
             "out-of-core scoring needs projected features: the exact kernel is n x n; pass "
             "proj_dim=... (CLI --proj-dim) or projection='factored'"

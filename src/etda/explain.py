@@ -295,7 +295,10 @@ def _image(x: Tensor) -> np.ndarray:
 
 def render_png(e: Explanation, path: str | os.PathLike) -> Path:
     """Draw the test image and its proponents/opponents into a PNG grid; returns the path."""
-    from matplotlib.figure import Figure  # no pyplot: Agg output, no global backend state
+    from etda.io import require
+
+    Figure = require("matplotlib.figure", "the image grid of etda explain").Figure  # noqa: N806
+    # (no pyplot: Agg output, no global backend state)
 
     if e.test.x is None:
         raise ValueError("render_png draws image settings; print text explanations instead")

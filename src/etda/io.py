@@ -12,7 +12,7 @@ import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 Writer = bytes | str | Callable[[BinaryIO], None]
 
@@ -97,3 +97,33 @@ def human_bytes(n: float) -> str:
 def fmt_seconds(s: float) -> str:
     """``3.18 s``, ``26.1 s``, ``1234 s``."""
     return f"{s:.2f} s" if s < 10 else f"{s:.1f} s" if s < 1000 else f"{s:.0f} s"
+
+
+def bar_off(progress: bool) -> bool | None:
+    """tqdm's ``disable``: off when not asked for, and off when stderr is not a terminal
+    (``None``: tqdm decides), so logs never fill with escape codes."""
+    return None if progress else True
+
+
+EXTRAS = {  # module -> the etda extra that installs it
+    "peft": "lora",
+    "matplotlib": "plots",
+    "sklearn": "data",
+    "ray": "ray",
+    "transformers": "hf",
+    "tokenizers": "hf",
+}
+
+
+def require(module: str, what: str) -> Any:
+    """Import ``module`` for ``what``, or an ImportError naming the extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        extra = EXTRAS.get(module.split(".")[0], "all")
+        raise ImportError(
+            f"{what} needs {module.split('.')[0]}, which is not installed: "
+            f"pip install 'etda[{extra}]' (or 'etda[all]')"
+        ) from e

@@ -225,7 +225,9 @@ class RayExecutor(Executor):
             # machine"); worker processes inherit both.
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
             os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-        import ray
+        from etda.io import require
+
+        ray = require("ray", "the Ray executor")
 
         if not ray.is_initialized():
             if self.address is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -104,17 +104,110 @@ class Scores:
 
     @classmethod
     def load(cls, path: str | Path) -> Scores:
+        """Read a folder written by :meth:`save`. Only JSON, safetensors and a pickle-free
+        ``.npy`` are read, and what they hold is validated: a damaged or tampered folder
+        raises :class:`ScoresFileError` (a ValueError) naming the file, and never executes
+        anything."""
         path = Path(path)
-        meta = json.loads((path / "scores.json").read_text())
-        file = path / "scores.safetensors"
-        tensors = load_file(file) if file.exists() else {}
+        meta = _read_meta(path)
+        tensors = _read_tensors(path / "scores.safetensors")
         if "values_npy" in meta:
-            values = np.load(meta["values_npy"], mmap_mode="r", allow_pickle=False)
-        else:
+            values = _read_npy(path, meta["values_npy"])
+        elif "values" in tensors:
             values = tensors.pop("values").numpy()
-        topk = {k.removeprefix("topk."): v.numpy() for k, v in tensors.items()} or None
+        else:
+            raise ScoresFileError(
+                f"{path}: no scores (neither values in scores.safetensors "
+                "nor values_npy in scores.json)"
+            )
+        if values.ndim != 2 or not np.issubdtype(values.dtype, np.floating):
+            raise ScoresFileError(
+                f"{path}: scores must be a 2-D float array (n_test, n_train), got shape "
+                f"{values.shape} and dtype {values.dtype}"
+            )
+        topk = _valid_topk(path, tensors, values.shape) or None
+        names = {f.name for f in fields(Costs)}
+        bad = {k: v for k, v in meta["costs"].items() if k in names and not _is_number(v)}
+        if bad:
+            raise ScoresFileError(f"{path}: scores.json has invalid costs {bad} (numbers only)")
         costs = Costs.from_dict(meta["costs"])
         return cls(values, meta["method"], meta["config"], costs, topk)
 
     def __repr__(self) -> str:
         return f"Scores(method={self.method!r}, shape={self.shape}, costs=<{self.costs.summary()}>)"
+
+
+class ScoresFileError(ValueError):
+    """A saved Scores folder is missing a file, damaged or tampered with."""
+
+
+TOPK_KEYS = ("proponents", "proponent_scores", "opponents", "opponent_scores")
+
+
+def _read_meta(path: Path) -> dict:
+    file = path / "scores.json"
+    if not file.is_file():
+        raise ScoresFileError(f"{path} is not a saved Scores folder: {file.name} is missing")
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ScoresFileError(f"{file} is unreadable ({e})") from None
+    kinds = {"method": str, "config": dict, "costs": dict}
+    bad = [
+        k for k, t in kinds.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), t)
+    ]
+    if bad:
+        raise ScoresFileError(f"{file} lacks a valid {', '.join(bad)} (tampered or not etda's)")
+    if "values_npy" in meta and not isinstance(meta["values_npy"], str):
+        raise ScoresFileError(f"{file}: values_npy must be a path, got {meta['values_npy']!r}")
+    return meta
+
+
+def _read_tensors(file: Path) -> dict:
+    if not file.exists():
+        return {}
+    try:
+        return dict(load_file(file))
+    except Exception as e:  # safetensors raises its own error types for damaged headers
+        raise ScoresFileError(f"{file} is unreadable ({type(e).__name__}: {e})") from None
+
+
+def _read_npy(path: Path, name: str) -> np.ndarray:
+    """The out-of-core scores file a Scores folder points at: memory-mapped, never a pickle."""
+    file = Path(name)
+    if file.suffix != ".npy" or not file.is_file():
+        raise ScoresFileError(f"{path}: the scores file {name!r} is not an existing .npy file")
+    try:
+        return np.load(file, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ScoresFileError(f"{path}: the scores file {name} is unreadable ({e})") from None
+
+
+def _valid_topk(path: Path, tensors: dict, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The top-k arrays (n_test, k) of a saved folder, checked against the scores' shape."""
+    topk = {k.removeprefix("topk."): v.numpy() for k, v in tensors.items()}
+    if not topk:
+        return {}
+    if sorted(topk) != sorted(TOPK_KEYS) or len(tensors) != len(TOPK_KEYS):
+        raise ScoresFileError(
+            f"{path}: scores.safetensors holds {sorted(tensors)}, expected values and "
+            f"topk.{{{', '.join(TOPK_KEYS)}}}"
+        )
+    k = topk["proponents"].shape[-1] if topk["proponents"].ndim == 2 else -1
+    for name, a in topk.items():
+        if a.shape != (shape[0], k):
+            raise ScoresFileError(
+                f"{path}: topk.{name} has shape {a.shape}, expected "
+                f"({shape[0]}, k) like topk.proponents"
+            )
+    for name in ("proponents", "opponents"):
+        a = topk[name]
+        if a.dtype.kind not in "iu" or (a.size and (a.min() < 0 or a.max() >= shape[1])):
+            raise ScoresFileError(
+                f"{path}: topk.{name} must hold training indices in [0, {shape[1]})"
+            )
+    return topk
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)

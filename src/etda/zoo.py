@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from etda import __version__
+from etda.io import bar_off
 from etda.parallel import torch_threads
 from etda.settings import Setting
 from etda.train import load_weights, save_weights
@@ -91,7 +92,7 @@ def trained_models(
     epochs = _check_epochs(checkpoint_epochs, setting.recipe.epochs)
     folder = model_folder(setting, cache_dir)
     out: list[TrainedModel] = []
-    bar = tqdm(total=count, desc=f"models {setting.name}", unit="model", disable=not progress)
+    bar = tqdm(total=count, desc=f"models {setting.name}", unit="model", disable=bar_off(progress))
     try:
         for seed in range(first_seed, first_seed + count):
             out.append(_get(setting, seed, folder, epochs))

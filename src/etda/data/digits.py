@@ -10,7 +10,9 @@ import torch
 
 @functools.lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits  # local import: sklearn is slow to import
+    from etda.io import require
+
+    load_digits = require("sklearn.datasets", "the digits data").load_digits  # slow import
 
     data = load_digits()
     x = (np.asarray(data.images, dtype=np.float32) / np.float32(16.0))[:, None]

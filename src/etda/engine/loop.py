@@ -20,6 +20,7 @@ from etda.engine.resolve import RunPlan
 from etda.ensemble.base import Member
 from etda.features.distributed import featurize_parallel
 from etda.features.service import FeatureRequest, cast_inputs, load_checkpoint, member_tag
+from etda.io import bar_off
 from etda.methods.base import MemberContext
 from etda.scores import Scores
 
@@ -40,7 +41,7 @@ def run(plan: RunPlan) -> Scores:
         total=plan.ensemble.size(len(plan.models)),
         desc=f"{plan.method.name} members",
         unit="member",
-        disable=not plan.config.progress,
+        disable=bar_off(plan.config.progress),
     )
     for i, member in enumerate(members):
         costs.train_s += member.train_s

@@ -130,12 +130,14 @@ def resolve(
     torch_dtype = getattr(torch, config.dtype)
     chunk_size = config.chunk_size or memory.chunk_size(n_params, torch_dtype.itemsize)
     out_of_core = config.out_of_core
+    explicit = method.curvature(config.seed) is not None  # preconditioned: explicit rows
     if out_of_core is None:
+        width = n_params if explicit and projection in ("none", "identity") else config.proj_dim
         out_of_core = config.scores_out is not None or (
-            projection != "none" and not memory.dense_fits(n_train, n_test, config.proj_dim)
+            (projection != "none" or explicit) and not memory.dense_fits(n_train, n_test, width)
         )
     if out_of_core:
-        compat.check_out_of_core(method, projection)
+        compat.check_out_of_core(method, projection, explicit_rows=explicit)
     store, tmp = _open_store(config, bool(out_of_core))
     probe_model = copy.deepcopy(models[0]).eval()
     service = FeatureService(
@@ -170,7 +172,7 @@ def resolve(
         bool(out_of_core),
         memory,
         service,
-        memory.stream_rows(config.proj_dim),
+        memory.stream_rows(n_params if explicit and projection == "none" else config.proj_dim),
         mode,
         tmp,
     )
@@ -252,10 +254,11 @@ def _projection(
         projection = method.default_projection
     if projection != "auto":
         return projection
-    if method.curvature(config.seed) is not None:  # dense preconditioned gradients
-        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        fits = memory.exact_features_fit(n_params, batch.n_rows(x) + n_test)
-        return "none" if config.proj_dim is None and fits else "factored"
+    if method.curvature(config.seed) is not None:
+        # Preconditioned gradients are explicit rows: exact ("none"), streamed from the store
+        # out of core when they do not fit; a sketch only when proj_dim asks for one (sketches
+        # of preconditioned gradients lose much of the curvature's gain).
+        return "none" if config.proj_dim is None else "factored"
     if config.proj_dim is not None or not memory.exact_kernel_fits(batch.n_rows(x)):
         return "factored"
     width = _exact_width(model, task, config, x, y)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from etda.engine.memory import MemoryBudgetError, MemoryModel
 from etda.features.blocks import StreamedFeatures, TrainFeatures
+from etda.io import bar_off
 from etda.methods.base import CombineRule, MemberFactors, block_scores
 
 
@@ -166,7 +167,11 @@ class BlockedScorer:
         values = None if writer is not None else np.empty((n_test, n_train), dtype=np.float64)
         top = _TopK(n_test, top_k)
         bar = tqdm(
-            total=n_train, desc="scoring blocks", unit="ex", leave=False, disable=not self.progress
+            total=n_train,
+            desc="scoring blocks",
+            unit="ex",
+            leave=False,
+            disable=bar_off(self.progress),
         )
         for lo in range(0, n_train, block):
             hi = min(lo + block, n_train)

@@ -20,6 +20,7 @@ from torch import nn
 
 from etda import batch
 from etda.ensemble.base import BuildContext, Ensemble, Member, check_members, member_seed
+from etda.io import require
 
 
 def lora_targets(model: nn.Module) -> list[str]:
@@ -78,7 +79,8 @@ class LoRA(Ensemble):
         self, model: nn.Module, ctx: BuildContext, seed: int
     ) -> tuple[nn.Module, float, list]:
         """A fine-tuned adapter model, its fine-tuning seconds and its epoch checkpoints."""
-        from peft import LoraConfig, get_peft_model
+        peft = require("peft", "the LoRA ensemble")
+        LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model  # noqa: N806
 
         from etda.train import TrainRecipe, TrainResult, train_model
 

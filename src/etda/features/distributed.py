@@ -25,6 +25,7 @@ from etda.cost import Costs, timer
 from etda.features.featurize import FeatureSpec, Featurizer
 from etda.features.service import FeatureRequest, FeatureService, compute_rows
 from etda.features.store import SplitStore, _checksum
+from etda.io import bar_off
 from etda.parallel import default_workers, get_executor, resolve
 from etda.task import Task
 
@@ -162,7 +163,7 @@ def featurize_parallel(
                         )
                     )
                     stores.append(st)
-        bar = tqdm(total=len(jobs), desc="featurize shards", disable=not service.progress)
+        bar = tqdm(total=len(jobs), desc="featurize shards", disable=bar_off(service.progress))
         for pos, done in ex.map(featurize_shard, jobs):
             for lo, hi, cs in done:
                 stores[pos].record(lo, hi, cs)

@@ -30,7 +30,7 @@ from etda.features.curvature import CurvatureSpec, FitInputs, Preconditioner
 from etda.features.curvature import fit as fit_curvature
 from etda.features.featurize import FeatureSpec, Featurizer, check_finite
 from etda.features.store import FeatureStore, SplitStore
-from etda.io import atomic_write
+from etda.io import atomic_write, bar_off
 from etda.task import ParamSelector, Task, q_weights, select_parameters
 
 TEST_INDEX_OFFSET = 1 << 40  # test examples get their own keys for per-example masks
@@ -198,7 +198,7 @@ class FeatureService:
             desc=f"{req.tag} curvature ({spec.kind})",
             unit="ex",
             leave=False,
-            disable=not self.progress,
+            disable=bar_off(self.progress),
         )
         inputs = FitInputs(
             req.model,
@@ -244,7 +244,7 @@ class FeatureService:
             desc=what,
             unit="ex",
             leave=False,
-            disable=not self.progress,
+            disable=bar_off(self.progress),
         )
         for lo, hi in todo:
             rows = compute_rows(

@@ -226,23 +226,26 @@ class SplitStore:
         self._save_done()
 
     def _open_existing(self) -> None:
+        """Read ``done.json`` and the array headers, validating both (CorruptStoreError)."""
         assert self.folder is not None
         folder = self.folder
+        name = "done.json"
         try:
-            self.done = _valid_ranges(json.loads((folder / "done.json").read_text()), self.n)
+            self.done = _valid_ranges(json.loads((folder / name).read_text()), self.n)
             for k, w in self.widths.items():
+                name = f"{k}.npy"
                 # allow_pickle=False (numpy's default, stated): an object array never loads.
-                a = np.load(folder / f"{k}.npy", mmap_mode="r", allow_pickle=False)
+                a = np.load(folder / name, mmap_mode="r", allow_pickle=False)
                 if a.shape != (self.n, w) or a.dtype != self.np_dtypes[k]:
-                    raise CorruptStoreError(
-                        f"{folder / k}.npy has shape {a.shape} and dtype {a.dtype}, "
-                        f"expected {(self.n, w)} {self.np_dtypes[k]}; {REPAIR_HINT}"
+                    raise ValueError(
+                        f"shape {a.shape} and dtype {a.dtype}, expected {(self.n, w)} "
+                        f"{self.np_dtypes[k]}"
                     )
                 self.offsets[k] = a.offset
                 del a
-        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise CorruptStoreError(
-                f"feature store {folder} is unreadable ({e}); {REPAIR_HINT}"
+                f"feature store {folder}: {name} is unreadable ({e}); {REPAIR_HINT}"
             ) from e
 
     def _repair(self) -> None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from etda.ensemble import ENSEMBLES
+from etda.io import require
 from etda.methods import METHODS
 from etda.report import COSTS, method_title, naive_curve, pareto_front, records
+
+Figure = require("matplotlib.figure", "plots (etda report)").Figure
 
 MARKERS = "osD^PXvhp<>d"  # one per ensemble preset, in registry order
 

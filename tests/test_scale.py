@@ -4,6 +4,7 @@ distributed over processes and Ray, each against the in-memory single-process re
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,3 +298,15 @@ def test_cli_out_of_core_options(tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "int4" in bad.output
     bad = runner.invoke(app, [*args, "--max-memory", "lots"])
     assert bad.exit_code == 2 and "2GB" in bad.output
+
+
+def test_resident_memory_is_measured_with_psutil():
+    """/proc/self/statm reads 0 off Linux, which silently disabled the memory budget: the
+    process's memory comes from psutil, and no module reads statm any more."""
+    import psutil
+
+    rss = memory.rss_bytes()
+    assert rss > 50 * 2**20  # this process holds torch
+    assert abs(rss - psutil.Process().memory_info().rss) < 64 * 2**20
+    src = Path(etda.__file__).parent
+    assert [p.name for p in src.rglob("*.py") if "/proc/self/statm" in p.read_text()] == []

@@ -164,7 +164,7 @@ def build_ground_truth(
 # -------------------------------------------------------------------------- attribute
 
 
-def _checkpoint_models(setting: Setting, tms: list[TrainedModel]) -> list[nn.Module]:
+def checkpoint_models(setting: Setting, tms: list[TrainedModel]) -> list[nn.Module]:
     out = []
     for tm in tms:
         for state in tm.checkpoints:
@@ -200,7 +200,7 @@ def prepare_models(
         setting, k_models, model_dir, first_seed, checkpoint_epochs=epochs, progress=progress
     )
     if ens.members_are_checkpoints:
-        models = _checkpoint_models(setting, tms)
+        models = checkpoint_models(setting, tms)
     else:
         models = [tm.model for tm in tms]
     checkpoint_kw: dict[str, Any] = {}

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from etda.methods import Method, method_takes
 
 FOUND_AT = (0.05, 0.10, 0.20, 0.30)  # fractions of the training set inspected
+DYNAMICS_CHECKPOINTS = 5  # checkpoints of each run the training-dynamics detectors read
 CURVE_POINTS = 101
 
 
@@ -260,6 +261,7 @@ def run_mislabel(
     from etda.compat import check
     from etda.experiment import (
         accuracy,
+        checkpoint_schedule,
         damping_summary,
         default_members,
         make_ensemble,
@@ -267,6 +269,7 @@ def run_mislabel(
     )
     from etda.methods import get_method
     from etda.settings import get_setting
+    from etda.zoo import trained_models
 
     base = get_setting(setting) if isinstance(setting, str) else setting
     noisy = noisy_setting(base, fraction, seed, dropout, epochs)
@@ -278,6 +281,9 @@ def run_mislabel(
     check(method_obj, ens, checkpoints=[])
     n_ckpt = (members or default_members(ensemble)) if ens.members_are_checkpoints else 5
     t0 = time.perf_counter()
+    # every checkpoint the training-dynamics detectors read, trained (or loaded) once
+    dyn_epochs = checkpoint_schedule(noisy.recipe.epochs, DYNAMICS_CHECKPOINTS)
+    trained_models(noisy, k_models, model_dir, checkpoint_epochs=dyn_epochs, progress=progress)
     tms, attr_models, checkpoint_kw = prepare_models(
         noisy, method_obj, ens, k_models, n_ckpt, model_dir, progress=progress
     )
@@ -316,6 +322,7 @@ def run_mislabel(
         "model_dropout": noisy.model_kwargs.get("dropout"),
         "self_influence": detection_report(si, flipped),
         "loss": detection_report(loss, flipped),
+        **_dynamics_reports(noisy, k_models, model_dir, dyn_epochs, x, y, si, flipped),
         "random": detection_report(random_ranking(flipped.size, seed), flipped),
         "memorized": float(fits_noisy[flipped].mean()),
         "clean_train_accuracy": float(fits_noisy[~flipped].mean()),
@@ -324,4 +331,32 @@ def run_mislabel(
         "damping": damping_summary(scores),
         "models_cached": int(sum(tm.cached for tm in tms)),
         "wall_s": time.perf_counter() - t0,
+    }
+
+
+def _dynamics_reports(
+    noisy: Any,
+    k_models: int,
+    model_dir: str,
+    epochs: list[int],
+    x: Tensor,
+    y: Tensor,
+    si: np.ndarray,
+    flipped: Any,
+) -> dict:
+    """Detection by training dynamics over each run's checkpoints (``etda.detect``): the loss
+    accumulated along training, the area under the margin, and the rank fusion of the loss
+    with self-influence."""
+    from etda.detect import aum_scores, fuse, loss_scores
+    from etda.experiment import checkpoint_models
+    from etda.zoo import trained_models
+
+    tms = trained_models(noisy, k_models, model_dir, checkpoint_epochs=epochs, progress=False)
+    ckpts = checkpoint_models(noisy, tms)
+    loss_ckpt = loss_scores(ckpts, x, y)
+    return {
+        "loss_checkpoints": detection_report(loss_ckpt, flipped),
+        "aum_checkpoints": detection_report(aum_scores(ckpts, x, y), flipped),
+        "fusion": detection_report(fuse(si, loss_ckpt), flipped),
+        "dynamics_epochs": list(epochs),
     }

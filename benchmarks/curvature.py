@@ -29,15 +29,30 @@ CONFIGS: dict[str, tuple[str, str, int, int | None, dict]] = {
     "if-kfac-1": ("if", "none", 1, None, {"curvature": "kfac"}),
     "if-ekfac-1": ("if", "none", 1, None, {"curvature": "ekfac"}),
     "if-ekfac-empirical-1": ("if", "none", 1, None, {"curvature": "ekfac", "fisher": "empirical"}),
-    "if-ekfac-factored-1": ("if", "none", 1, None, {"curvature": "ekfac", "budget": "2GB"}),
+    "if-ekfac-2GB-1": ("if", "none", 1, None, {"curvature": "ekfac", "budget": "2GB"}),
+    "if-ekfac-sketch-1": (
+        "if",
+        "none",
+        1,
+        None,
+        {"curvature": "ekfac", "budget": "2GB", "proj_dim": 2048},
+    ),
     "trak-5": ("trak", "none", 5, None, {}),
     "if-gram-5": ("if", "none", 5, None, {}),
     "if-kfac-5": ("if", "none", 5, None, {"curvature": "kfac"}),
     "if-ekfac-5": ("if", "none", 5, None, {"curvature": "ekfac"}),
+    "if-ekfac-empirical-5": ("if", "none", 5, None, {"curvature": "ekfac", "fisher": "empirical"}),
     "trak-ckpt5": ("trak", "checkpoints", 1, 5, {}),
     "if-gram-ckpt5": ("if", "checkpoints", 1, 5, {}),
     "if-kfac-ckpt5": ("if", "checkpoints", 1, 5, {"curvature": "kfac"}),
     "if-ekfac-ckpt5": ("if", "checkpoints", 1, 5, {"curvature": "ekfac"}),
+    "if-ekfac-empirical-ckpt5": (
+        "if",
+        "checkpoints",
+        1,
+        5,
+        {"curvature": "ekfac", "fisher": "empirical"},
+    ),
 }
 
 
@@ -51,6 +66,7 @@ def run_one(name: str, setting: str) -> dict:
     method, ensemble, k, members, options = CONFIGS[name]
     options = dict(options)
     budget = options.pop("budget", BUDGET)
+    proj_dim = options.pop("proj_dim", None)
     t0 = time.perf_counter()
     scores, result = run_attribution(
         setting,
@@ -60,6 +76,7 @@ def run_one(name: str, setting: str) -> dict:
         members=members,
         lds_config=LDSConfig(),
         method_options=options,
+        proj_dim=proj_dim,
         attribute_options={"memory_budget": budget},
         progress=False,
         executor="process",
@@ -75,6 +92,7 @@ def run_one(name: str, setting: str) -> dict:
         "options": options,
         "memory_budget": budget,
         "projection": scores.config["projection"],
+        "out_of_core": scores.config["out_of_core"],
         "lds": result.mean,
         "sem": result.sem,
         "attribute_wall_s": scores.config["wall_s"],
@@ -97,7 +115,7 @@ def table(rows: list[dict], setting: str, meta: dict) -> str:
         "(test-margin ground truth). Wall seconds = the attribution (serving) only; the "
         "models come from the cache (their training seconds are in `train s`).",
         "",
-        "| configuration | LDS ± s.e. | serve s | train s | peak RSS MB | projection |",
+        "| configuration | LDS ± s.e. | serve s | train s | peak RSS MB | features |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -106,7 +124,8 @@ def table(rows: list[dict], setting: str, meta: dict) -> str:
             continue
         lines.append(
             f"| {r['name']} | {r['lds']:.3f} ± {r['sem']:.3f} | {r['serve_s']:.1f} | "
-            f"{r['train_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['projection']} |"
+            f"{r['train_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['projection']}"
+            f"{' (out of core)' if r.get('out_of_core') else ''} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -124,7 +143,12 @@ def main() -> None:
 
     setup(args.setting, n_models=5)  # models and ground truth cached before timing anything
     meta = {**machine(), "load_before": os.getloadavg()}
+    out = RESULTS / f"curvature-{args.setting}"
     rows = []
+    if args.only and out.with_suffix(".json").exists():  # rerun some, keep the others
+        kept = json.loads(out.with_suffix(".json").read_text())
+        rows = [r for r in kept["rows"] if r["name"] not in args.only and r["name"] in CONFIGS]
+        meta["earlier_runs"] = kept["meta"].get("earlier_runs", []) + [kept["meta"]]
     for name in args.only or list(CONFIGS):
         cmd = [
             sys.executable,
@@ -143,7 +167,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     meta["load_after"] = os.getloadavg()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"curvature-{args.setting}"
+    rows.sort(key=lambda r: list(CONFIGS).index(r["name"]))
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text(table(rows, args.setting, meta))
     print(f"wrote {out}.md")

@@ -1,8 +1,8 @@
-"""Peers side by side: TRAK (``traker``) and dattri against etda on fmnist-mlp, in one run.
+"""Peers side by side: TRAK (``traker``), dattri and kronfluence against etda on fmnist-mlp.
 
 Run with etda's environment from the repository root, after ``bash benchmarks/peers/setup.sh``:
 
-    .venv/bin/python benchmarks/peers/compare.py            # everything (~30 min on 2 cores)
+    .venv/bin/python benchmarks/peers/compare.py            # everything (~45 min on 2 cores)
     .venv/bin/python benchmarks/peers/compare.py --reuse    # only configurations not yet run
 
 It (1) exports the data and the 5 cached trained models (``export.py``), (2) runs every peer
@@ -36,8 +36,10 @@ PEER_PY = Path(os.environ.get("PEERS_PYTHON", HERE / ".venv-peers" / "bin" / "py
 THREADS = 2
 # dattri's IF (CG) costs ~1 s per test example here: it runs on the first 100 test examples
 IF_N_TEST = 100
+PEER_LIBRARIES = ("traker", "dattri", "kronfluence")
 
-# etda configurations: name -> (models, attribute() keyword arguments, description)
+# etda configurations: name -> (models, attribute() keyword arguments, description).
+# "ensemble": "checkpoints-5" = the 5 evenly spaced checkpoints of the seed-0 run as members.
 ETDA = {
     "etda-trak-1": (1, {"method": "trak"}, "TRAK, 1 model, defaults"),
     "etda-trak-5": (5, {"method": "trak"}, "TRAK, 5 models, defaults"),
@@ -51,7 +53,36 @@ ETDA = {
         {"method": "trak", "ensemble": "dropout-10"},
         "TRAK, 1 model x Dropout(members=10), defaults",
     ),
+    "etda-if-kfac-1": (1, {"method": "if", "curvature": "kfac"}, "IF, K-FAC curvature, 1 model"),
+    "etda-if-ekfac-1": (
+        1,
+        {"method": "if", "curvature": "ekfac"},
+        "IF, EK-FAC curvature, 1 model",
+    ),
+    "etda-if-ekfac-5": (
+        5,
+        {"method": "if", "curvature": "ekfac"},
+        "IF, EK-FAC curvature, 5 models",
+    ),
+    "etda-if-ekfac-ckpt5": (
+        1,
+        {"method": "if", "curvature": "ekfac", "ensemble": "checkpoints-5"},
+        "IF, EK-FAC curvature, 5 checkpoints of one run",
+    ),
+    "etda-if-ekfac-empirical-1": (
+        1,
+        {"method": "if", "curvature": "ekfac", "fisher": "empirical"},
+        "IF, EK-FAC curvature fitted at the true labels, 1 model",
+    ),
+    "etda-if-ckpt5": (
+        1,
+        {"method": "if", "ensemble": "checkpoints-5"},
+        "IF (exact Gram, defaults), 5 checkpoints of one run",
+    ),
 }
+# configurations that need an etda option that may not exist yet (the curvature strategy):
+# if etda raises on it, the run records "not available: <error>" instead of failing
+OPTIONAL = {name for name, (_, kw, _) in ETDA.items() if "curvature" in kw}
 # peer configuration -> (run_peer.py extra arguments, etda configurations to compare with)
 PEERS = {
     "traker-trak-1": ([], ["etda-trak-1-k512", "etda-trak-1"]),
@@ -62,6 +93,11 @@ PEERS = {
     "dattri-graddot-1": ([], ["etda-graddot-1"]),
     "dattri-gradcos-1": ([], ["etda-gradcos-1"]),
     "dattri-if-cg-1": (["--n-test", str(IF_N_TEST), "--batch", "100"], ["etda-if-1"]),
+    "kronfluence-kfac-1": ([], ["etda-if-kfac-1", "etda-if-1"]),
+    "kronfluence-ekfac-1": ([], ["etda-if-ekfac-1", "etda-if-ekfac-empirical-1", "etda-if-1"]),
+    "kronfluence-kfac-5": ([], ["etda-if-ekfac-5", "etda-if-ekfac-ckpt5", "etda-if-ckpt5"]),
+    "kronfluence-ekfac-5": ([], ["etda-if-ekfac-5", "etda-if-ekfac-ckpt5", "etda-if-ckpt5"]),
+    "kronfluence-identity-1": ([], ["etda-graddot-1"]),
 }
 
 
@@ -79,27 +115,35 @@ def run_etda(name: str, out: Path) -> dict:
     torch.set_num_threads(THREADS)
     import etda
     from etda.settings import get_setting
-    from etda.zoo import trained_models
 
     n_models, kw, desc = ETDA[name]
     kw = dict(kw)
     setting = get_setting("fmnist-mlp")
     data = setting.data()
-    models = [tm.model for tm in trained_models(setting, n_models, progress=False)]
-    _check_same_models(models)
-    if kw.get("ensemble") == "dropout-10":
-        kw["ensemble"] = etda.Dropout(members=10)
-    t0 = time.perf_counter()
-    s = etda.attribute(models, (data.x_train, data.y_train), (data.x_test, data.y_test), **kw)
-    wall = time.perf_counter() - t0
-    values = np.asarray(s.values, dtype=np.float32)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        models, kw = _etda_models(etda, setting, n_models, kw)
+        t0 = time.perf_counter()
+        s = etda.attribute(models, (data.x_train, data.y_train), (data.x_test, data.y_test), **kw)
+        wall = time.perf_counter() - t0
+    except (TypeError, ValueError, NotImplementedError, KeyError) as exc:
+        if name not in OPTIONAL:
+            raise
+        # this etda does not have the option yet (or rejects it): a row, not a failed run
+        result = {"config": name, "library": "etda", "description": desc, "models": n_models}
+        result["error"] = f"not available: {type(exc).__name__}: {exc}"
+        result["versions"] = {"etda": etda.__version__, "torch": torch.__version__}
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(result))
+        return result
+    values = np.asarray(s.values, dtype=np.float32)
     np.save(out / f"{name}.npy", values)
     result = {
         "config": name,
         "library": "etda",
         "description": desc,
         "models": n_models,
+        "members": len(models),
         "n_test": int(values.shape[0]),
         "threads": THREADS,
         "wall_s": wall,
@@ -111,6 +155,32 @@ def run_etda(name: str, out: Path) -> dict:
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("config", "wall_s", "peak_rss_mb", "finite")}))
     return result
+
+
+def _etda_models(etda, setting, n_models: int, kw: dict) -> tuple[list, dict]:
+    """The modules to attribute (checked against the exported weights) and the keyword
+    arguments with the ensemble built. Models come from etda's cache (trained on first use),
+    before the timer starts."""
+    from etda.zoo import trained_models
+
+    ensemble = kw.get("ensemble")
+    if ensemble == "dropout-10":
+        kw["ensemble"] = etda.Dropout(members=10)
+    if ensemble == "checkpoints-5":
+        from etda.experiment import prepare_models
+
+        ens = etda.Checkpoints(members=5)
+        # seed 0's run with 5 evenly spaced checkpoints (retrained once if the cached model
+        # lacks them); the members are the checkpoints, the last one is the final model
+        tms, models, extra = prepare_models(setting, kw["method"], ens, n_models, 5, progress=False)
+        if extra:
+            raise SystemExit(f"{kw['method']} with checkpoint members asks for {sorted(extra)}")
+        _check_same_models([tm.model for tm in tms])
+        kw["ensemble"] = ens
+        return models, kw
+    models = [tm.model for tm in trained_models(setting, n_models, progress=False)]
+    _check_same_models(models)
+    return models, kw
 
 
 def _check_same_models(models) -> None:
@@ -147,6 +217,9 @@ def _run(cmd: list[str], name: str, timeout: float) -> dict:
         res = json.loads(res_path.read_text())
         res.update(status)
         res_path.write_text(json.dumps(res, indent=1))
+        if "error" in res:  # an optional configuration this etda cannot run yet
+            print(f"  {name}: {res['error']}", flush=True)
+            return res
         print(f"  {name}: {res['wall_s']:.1f} s, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
         return res
     tail = log.read_text().strip().splitlines()[-5:]
@@ -213,7 +286,7 @@ def _subset_sizes() -> list[int]:
 
 def _fmt_lds(r: dict, n: int | None = None) -> str:
     if "error" in r:
-        return "failed"
+        return "not available" if str(r["error"]).startswith("not available") else "failed"
     if n is not None and r.get("n_test") != n and f"lds_first{n}" in r:
         return f"{r[f'lds_first{n}']:.3f} ± {r[f'lds_first{n}_sem']:.3f}"
     return f"{r['lds']:.3f} ± {r['lds_sem']:.3f}"
@@ -278,7 +351,9 @@ def _num(r: dict, key: str, digits: int = 1) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--etda", choices=sorted(ETDA), help="(internal) run one etda config")
-    parser.add_argument("--only", nargs="*", help="configurations to run (default: all)")
+    parser.add_argument(
+        "--only", nargs="*", choices=sorted([*PEERS, *ETDA]), help="configurations to run"
+    )
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per config")
     parser.add_argument("--no-export", action="store_true")
@@ -296,9 +371,10 @@ def main(argv: list[str] | None = None) -> None:
     results_path = HERE / "results.json"
     old = json.loads(results_path.read_text())["runs"] if results_path.exists() else {}
     scored = {**old, **score_all(runs)}
-    peers_versions = next(
-        (r["versions"] for r in scored.values() if r.get("library") in ("traker", "dattri")), {}
-    )
+    peers_versions: dict = {}  # every peer run's versions, this run's last (they win)
+    for r in [*old.values(), *runs.values()]:
+        if r.get("library") in PEER_LIBRARIES:
+            peers_versions.update({k: v for k, v in r.get("versions", {}).items() if v})
     payload = {
         "setting": "fmnist-mlp",
         "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -22,6 +22,13 @@ Orientation and sign, per library (checked by reading their code):
   ``g_train^T (H + reg I)^-1 g_test`` (the negative of the classic "change in test loss"
   influence), TRAK gives ``phi_test (Phi^T Phi)^-1 Phi^T Q``: all positive = helps:
   transposed, sign kept.
+* kronfluence 1.0.1: ``Analyzer.compute_pairwise_scores`` gives (n_query, n_train) scores
+  ``grad(measurement_query)^T H^-1 grad(loss_train)``, positive = upweighting the training
+  example lowers the measurement. The measurement here is the NEGATIVE margin (as in
+  kronfluence's own CIFAR example), so positive = the training example raises the margin
+  (helps): already etda's orientation and sign, kept as is. Checked on a tiny MLP: a
+  training example identical to the query scores positive and near the top of its row, the
+  same input with another label as query scores it negative.
 """
 
 from __future__ import annotations
@@ -56,6 +63,20 @@ CONFIGS = {
     "dattri-trak-dropout-10": (
         "dattri",
         "TRAKAttributor, 1 model x 10 MC-dropout members (activate_dropout p=0.1)",
+    ),
+    "kronfluence-kfac-1": ("kronfluence", "K-FAC influence, 1 model, heuristic damping"),
+    "kronfluence-kfac-5": (
+        "kronfluence",
+        "K-FAC influence, 5 models (mean of per-model scores), heuristic damping",
+    ),
+    "kronfluence-ekfac-1": ("kronfluence", "EK-FAC influence, 1 model, heuristic damping"),
+    "kronfluence-ekfac-5": (
+        "kronfluence",
+        "EK-FAC influence, 5 models (mean of per-model scores), heuristic damping",
+    ),
+    "kronfluence-identity-1": (
+        "kronfluence",
+        "identity preconditioner (gradient dot product), 1 model",
     ),
 }
 
@@ -263,6 +284,89 @@ def run_dattri_if(meta, data, states, test_batch: int) -> np.ndarray:
     return score.T.numpy().astype(np.float32)
 
 
+# ----------------------------------------------------------------------------- kronfluence
+
+
+def _kronfluence_task():
+    """kronfluence Task: training loss = summed cross-entropy (true labels, or labels sampled
+    from the model for the true Fisher when ``sample``, as kronfluence's examples do);
+    measurement = minus the summed margin ``logit_y - logsumexp(other logits)``, the quantity
+    etda's LDS ground truth records (etda.task.ClassificationTask.output), negated because
+    kronfluence's scores are positive when the training example LOWERS the measurement."""
+    from kronfluence.task import Task
+
+    class MarginTask(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            x, y = batch
+            logits = model(x)
+            if sample:
+                with torch.no_grad():
+                    probs = nn.functional.softmax(logits.detach(), dim=-1)
+                    y = torch.multinomial(probs, num_samples=1).flatten()
+            return nn.functional.cross_entropy(logits, y, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            x, y = batch
+            logits = model(x)
+            correct = logits.gather(1, y[:, None]).squeeze(1)
+            others = logits.scatter(1, y[:, None], float("-inf")).logsumexp(dim=-1)
+            return -(correct - others).sum()
+
+    return MarginTask()
+
+
+def run_kronfluence(
+    meta, data, states, batch: int, strategy: str, damping: float | None, out_dir: Path
+) -> np.ndarray:
+    """Fit ``strategy`` factors and compute pairwise scores per model; mean over models.
+
+    ``damping=None`` is kronfluence's heuristic (0.1 x the mean eigenvalue, per module);
+    kronfluence 1.0.1's ``ScoreArguments`` default is a fixed 1e-8 instead."""
+    import logging
+
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+
+    logging.getLogger("kronfluence").setLevel(logging.WARNING)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    train = torch.utils.data.TensorDataset(data["x_train"], data["y_train"])
+    test = torch.utils.data.TensorDataset(data["x_test"], data["y_test"])
+    task = _kronfluence_task()
+    total = None
+    for k, state in enumerate(states):
+        model = prepare_model(make_model(meta, state), task)  # eval mode, params frozen
+        analyzer = Analyzer(
+            analysis_name=f"model{k}",
+            model=model,
+            task=task,
+            cpu=True,
+            disable_tqdm=True,
+            output_dir=str(out_dir),
+            disable_model_save=True,
+        )
+        analyzer.fit_all_factors(
+            factors_name=strategy,
+            dataset=train,
+            per_device_batch_size=batch,
+            factor_args=FactorArguments(strategy=strategy),
+            overwrite_output_dir=True,
+        )
+        analyzer.compute_pairwise_scores(
+            scores_name=strategy,
+            factors_name=strategy,
+            query_dataset=test,
+            train_dataset=train,
+            per_device_query_batch_size=batch,
+            per_device_train_batch_size=batch,
+            score_args=ScoreArguments(damping_factor=damping),
+            overwrite_output_dir=True,
+        )
+        s = analyzer.load_pairwise_scores(strategy)["all_modules"].to(torch.float64)
+        total = s if total is None else total + s
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return (total / len(states)).numpy().astype(np.float32)  # (n_test, n_train)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -270,7 +374,7 @@ def versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for name in ("torch", "numpy", "traker", "dattri"):
+    for name in ("torch", "numpy", "traker", "dattri", "kronfluence", "accelerate"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -284,6 +388,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=500, help="train/test batch size")
     parser.add_argument("--n-test", type=int, default=None, help="first N test examples only")
+    parser.add_argument(
+        "--damping",
+        default="heuristic",
+        help="kronfluence: 'heuristic' (0.1 x mean eigenvalue, damping_factor=None) or a number",
+    )
     parser.add_argument("--work", type=Path, default=WORK)
     parser.add_argument("--out", type=Path, default=WORK / "scores")
     args = parser.parse_args(argv)
@@ -292,6 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     name = args.config
     n_models = 5 if name.endswith("-5") else 1
+    damping = None if args.damping == "heuristic" else float(args.damping)
     meta, data, states = load_inputs(args.work, n_models, args.n_test)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -308,6 +418,11 @@ def main(argv: list[str] | None = None) -> dict:
         scores = run_dattri_tracin(meta, data, states, args.batch, normalized=True)
     elif name == "dattri-if-cg-1":
         scores = run_dattri_if(meta, data, states, args.batch)
+    elif name.startswith("kronfluence-"):
+        strategy = name.split("-")[1]  # kfac | ekfac | identity
+        scores = run_kronfluence(
+            meta, data, states, args.batch, strategy, damping, args.work / f"kf-{name}"
+        )
     else:  # pragma: no cover - argparse restricts the choices
         raise SystemExit(f"unknown config {name}")
     wall = time.perf_counter() - t0
@@ -324,6 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
         "n_test": n_test,
         "batch": args.batch,
         "threads": args.threads,
+        "damping": args.damping if name.startswith("kronfluence-") else None,
         "wall_s": wall,
         "peak_rss_mb": peak_rss_mb(),
         "finite": bool(np.isfinite(scores).all()),

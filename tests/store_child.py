@@ -1,7 +1,8 @@
 """A child process for the kill and concurrency tests: one attribution on a feature store,
 optionally SIGKILLed at a chosen point, or slowed down so that another process meets it.
 
-``python store_child.py STORE OUT LOG [--kill MODE K] [--sleep S]``: runs TRAK (float64,
+``python store_child.py STORE OUT LOG [--kill MODE K] [--sleep S] [--hold FILE]``: runs TRAK
+(float64,
 Gaussian sketch, chunk 4) of :func:`problem` with ``store=STORE``, appends the row count of
 every featurizer call to LOG (flushed before anything else happens) and saves the scores to
 OUT. Kill modes (K counts the calls of this run, from 1):
@@ -48,7 +49,7 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _install(kill: str | None, k: int, log: str, sleep: float) -> None:
+def _install(kill: str | None, k: int, log: str, sleep: float, hold: str | None) -> None:
     from etda.features import store as store_mod
     from etda.features.featurize import Featurizer
     from etda.features.store import SplitStore
@@ -64,6 +65,8 @@ def _install(kill: str | None, k: int, log: str, sleep: float) -> None:
             f.write(f"{x.shape[0]}\n")
             f.flush()
             os.fsync(f.fileno())
+        while hold is not None and not os.path.exists(hold):  # wait for the other process
+            time.sleep(0.01)
         return blocks
 
     Featurizer.__call__ = counted
@@ -128,12 +131,13 @@ def main() -> None:
     ap.add_argument("log")
     ap.add_argument("--kill", nargs=2, default=None)
     ap.add_argument("--sleep", type=float, default=0.0)
+    ap.add_argument("--hold", default=None, help="after each chunk, wait until this file exists")
     args = ap.parse_args()
     torch.set_num_threads(1)
     import etda
 
     kill, k = (args.kill[0], int(args.kill[1])) if args.kill else (None, 0)
-    _install(kill, k, args.log, args.sleep)
+    _install(kill, k, args.log, args.sleep, args.hold)
     model, train, test = problem()
     store = etda.FeatureStore(args.store, lock_timeout=60)
     scores = etda.attribute(model, train, test, store=store, **KW)

@@ -304,3 +304,13 @@ def test_bad_curvature_options_are_clear() -> None:
         etda.attribute(mlp(), TRAIN, TEST, method="if", curvature="kfac", damping="gcv")
     with pytest.raises(ValueError, match="curvature"):
         etda.attribute(mlp(), TRAIN, TEST, method="trak", curvature="kfac")
+
+
+def test_wide_features_are_multiplied_out_in_column_blocks(monkeypatch) -> None:
+    from etda.engine import scorers
+
+    kw = dict(method="if", curvature="ekfac", dtype="float64")
+    one_shot = etda.attribute(mlp(), TRAIN, TEST, **kw)
+    monkeypatch.setattr(scorers, "WIDE_BYTES", 8 * 66 * 5)  # 5 training columns per block
+    blocked = etda.attribute(mlp(), TRAIN, TEST, **kw)
+    np.testing.assert_allclose(blocked.values, one_shot.values, rtol=1e-12, atol=1e-15)

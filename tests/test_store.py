@@ -247,6 +247,21 @@ def test_flipped_bytes_raise_corrupt_store(tmp_path, split, block):
         run(tmp_path)
 
 
+def test_flipped_bytes_are_caught_out_of_core(tmp_path, reference):
+    """Streaming reads never load the whole store: the recorded rows are verified when the
+    store is reopened, so damaged rows cannot reach out-of-core scores either."""
+    first = run(tmp_path, out_of_core=True)
+    np.testing.assert_allclose(first.values, reference, rtol=1e-6)
+    path = split_dir(tmp_path) / "phi.npy"
+    raw = bytearray(path.read_bytes())
+    raw[_data_offset(path) + 8 * 40 + 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(etda.CorruptStoreError, match="checksum"):
+        run(tmp_path, out_of_core=True)
+    fixed = run(tmp_path, out_of_core=True, repair=True)
+    np.testing.assert_array_equal(fixed.values, first.values)
+
+
 @pytest.mark.parametrize(
     "damage",
     ["npy-header", "npy-truncated", "npy-missing", "done-json", "meta-json"],

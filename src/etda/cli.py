@@ -804,8 +804,9 @@ def mislabel(
         str,
         typer.Option(
             callback=lambda v: _choice(v, ("auto", *DETECTORS), "detector"),
-            help="auto (self-influence when the model fits every label, else the loss over "
-            "checkpoints) | loss | aum | self-influence | loss-normalized | fusion.",
+            help="auto (the loss over --checkpoints when given; else self-influence when the "
+            "model fits most labels, the loss otherwise) | loss | aum | self-influence | "
+            "loss-normalized | fusion.",
         ),
     ] = "auto",
     method: MethodOpt = "if",
@@ -861,7 +862,7 @@ def _mislabel_user(model_ref, train_ref, checkpoints_ref, detector, method, top,
     model = build(model_ref)
     x, y = as_tensors(build(train_ref), "train")
     ckpts = build(checkpoints_ref) if checkpoints_ref else None
-    chosen = choose_detector(model, x, y) if detector == "auto" else detector
+    chosen = choose_detector(model, x, y, ckpts) if detector == "auto" else detector
     scores = mislabel_scores(chosen, model, x, y, checkpoints=ckpts, method=method)
     order = np.argsort(-scores, kind="stable")[:top]
     out = {"detector": chosen, "top": [[int(i), float(scores[i])] for i in order]}

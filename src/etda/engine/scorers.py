@@ -28,6 +28,8 @@ from etda.features.blocks import StreamedFeatures, TrainFeatures
 from etda.io import bar_off
 from etda.methods.base import CombineRule, MemberFactors, block_scores
 
+WIDE_BYTES = 512 * 2**20  # float64 training rows a dense feature-space block may widen
+
 
 @dataclass
 class Combined:
@@ -50,8 +52,21 @@ class DenseScorer:
         self._member: Tensor | None = None
 
     def add(self, factors: MemberFactors, train: TrainFeatures, weight: float = 1.0) -> None:
-        """One unit of the current member, weighted."""
-        values = block_scores(factors.left, factors.space, factors.col_scale, train, 0, train.n)
+        """One unit of the current member, weighted. Wide explicit features (e.g. exact
+        preconditioned gradients) are multiplied out in column blocks, so that no float64
+        copy of all training rows is ever held (``WIDE_BYTES`` per block)."""
+        width = train.explicit_width if factors.space == "feature" else None
+        step = train.n if width is None else max(1, WIDE_BYTES // (8 * width))
+        if step >= train.n:
+            values = block_scores(factors.left, factors.space, factors.col_scale, train, 0, train.n)
+        else:
+            values = torch.cat(
+                [
+                    block_scores(factors.left, "feature", factors.col_scale, train, lo, hi)
+                    for lo, hi in ((lo, min(lo + step, train.n)) for lo in range(0, train.n, step))
+                ],
+                dim=1,
+            )
         self.add_values(values, weight)
 
     def add_values(self, values: Tensor, weight: float = 1.0) -> None:

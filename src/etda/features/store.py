@@ -106,12 +106,17 @@ def _locked_message(what: str, path: Path, holder: str, timeout: float | None) -
 
 
 def release_lock(lock: FileLock) -> None:
+    """Undo one :func:`acquire_lock`; the last release frees the lock for other processes."""
     if not lock.is_locked:
         return
     if lock.lock_counter == 1:
         with contextlib.suppress(OSError):
             Path(lock.lock_file + ".owner").unlink(missing_ok=True)
     lock.release()
+    if not lock.is_locked:
+        with _LOCKS_GUARD:  # forget it: a long session opens many stores
+            if _LOCKS.get(lock.lock_file) is lock:
+                del _LOCKS[lock.lock_file]
 
 
 def _atomic_write_json(path: Path, obj: object) -> None:
@@ -469,7 +474,8 @@ class FeatureStore:
         """Open (resume) or create the store of one member's split, validating ``meta``.
 
         ``storage``: precision of the stored features (``float32 | float16 | bfloat16``).
-        Holds the split's writer lock while it has rows to compute (see the module doc)."""
+        Holds the split's writer lock while it has rows to compute (see the module doc), and
+        checks the rows recorded by earlier runs against their checksums."""
         storage_np_dtype(storage)  # validates the name
         if self.root is None:
             return SplitStore(None, n, widths, dtype, storage)
@@ -483,7 +489,11 @@ class FeatureStore:
         )
         try:
             self._check_meta(folder, meta)
-            return SplitStore(folder, n, widths, dtype, storage, self.repair, lock)
+            st = SplitStore(folder, n, widths, dtype, storage, self.repair, lock)
+            # Rows recorded by an earlier run are checked once here, so that streamed (out of
+            # core) reads, which never call load(), do not use damaged rows either.
+            st.verify()
+            return st
         except BaseException:
             release_lock(lock)
             raise

@@ -98,6 +98,8 @@ def test_table_pairs_etda_with_traker() -> None:
         {**base, "name": "traker-1", "library": "traker", "lds": 0.2, "wall_s": 8.0}
         | {"peak_gpu_mb": 400.0, "projection": "BasicProjector", "proj_dim": 2048},
         {**base, "name": "traker-5", "library": "traker", "skipped": "no traker here"},
+        {**base, "name": "etda-trak-exact", "library": "etda", "error": "RuntimeError: x"},
+        {**base, "name": "etda-trak-naive-5", "library": "etda", "lds": 0.4, "wall_s": 3.0},
     ]
     pairs = gpu._pairs(rows)
     assert pairs == [
@@ -127,5 +129,6 @@ def test_table_pairs_etda_with_traker() -> None:
         "peers": {"skipped": None, "traker": "0.3.2", "python_path": "py"},
     }
     md = gpu.table({"meta": meta, "rows": rows, "pairs": pairs})
+    assert "| etda-trak-exact |  | failed: RuntimeError: x |" in md
     assert "| s | etda-trak-p2048 (2048) | traker-1 (2048) | 0.300 | 0.200 | 0.25 | 0.25 |" in md
     assert "| traker-5 |  | skipped: no traker here |" in md

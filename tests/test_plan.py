@@ -191,6 +191,7 @@ def test_nothing_fits_names_the_cheapest(toy):
 
 def test_missing_results_say_how_to_make_them(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ETDA_RESULTS", str(tmp_path / "none"))  # not the repository's
     with pytest.raises(FileNotFoundError, match="etda bench --setting toy --quick"):
         plan("toy", budget_train=None, budget_serve=None, budget_bytes=None)
     result = runner.invoke(app, ["plan", "--setting", "fmnist-mlp"])
@@ -327,3 +328,13 @@ def test_cli_rejects_bad_budget_strings(toy):
     result = runner.invoke(app, ["plan", "--setting", "fmnist-mlp", "--budget-serve", "soon"])
     assert result.exit_code == 2
     assert "--budget-serve" in _text(result) and "60s, 90, 5m or 1.5h" in _text(result)
+
+
+def test_plan_finds_the_committed_results_from_any_folder(tmp_path, monkeypatch):
+    from etda.plan import default_results
+
+    monkeypatch.chdir(tmp_path)  # no benchmarks/ here
+    monkeypatch.delenv("ETDA_RESULTS", raising=False)
+    found = default_results("fmnist-mlp")
+    assert found and all(p.is_file() for p in found)
+    assert found[0].parent.parent.name == "results"

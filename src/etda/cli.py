@@ -184,7 +184,7 @@ EnsembleOpt = Annotated[
 ]
 ModelsOpt = Annotated[
     int,
-    typer.Option("--models", "-k", callback=_positive_cb, help="Independently trained models (K)."),
+    typer.Option("--models", "-K", callback=_positive_cb, help="Independently trained models (K)."),
 ]
 ThreadsOpt = Annotated[
     int | None,
@@ -743,7 +743,7 @@ def lds(
 def train(
     setting: SettingOpt = "fmnist-mlp",
     models: Annotated[
-        int, typer.Option("--models", "-k", callback=_positive_cb, help="Models to train (K).")
+        int, typer.Option("--models", "-K", callback=_positive_cb, help="Models to train (K).")
     ] = 1,
     first_seed: Annotated[int, typer.Option(min=0, help="Seed of the first model.")] = 0,
     model_dir: ModelDirOpt = Path("runs/models"),

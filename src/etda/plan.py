@@ -338,11 +338,27 @@ def _fmt(name: str, value: float) -> str:
 # ---------------------------------------------------------------------------- results
 
 
-def default_results(setting: str, root: str | os.PathLike = "benchmarks/results") -> list[Path]:
-    """The full and quick results of ``setting`` under ``root`` that exist (full first)."""
-    root = Path(root)
-    paths = [root / setting / "results.json", root / f"{setting}-quick" / "results.json"]
-    return [p for p in paths if p.is_file()]
+def results_roots() -> list[Path]:
+    """Where benchmark results are looked for, in order: ``$ETDA_RESULTS`` when set (only
+    there), else ``benchmarks/results`` of the working directory and of the source tree etda
+    was installed from (an editable install or a checkout), so ``etda plan`` works from any
+    folder."""
+    env = os.environ.get("ETDA_RESULTS")
+    if env:
+        return [Path(env)]
+    here = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    return list(dict.fromkeys([Path("benchmarks/results"), here]))
+
+
+def default_results(setting: str, root: str | os.PathLike | None = None) -> list[Path]:
+    """The full and quick results of ``setting`` that exist (full first), under ``root`` or
+    the first of :func:`results_roots` that has any."""
+    for base in [Path(root)] if root is not None else results_roots():
+        paths = [base / setting / "results.json", base / f"{setting}-quick" / "results.json"]
+        found = [p for p in paths if p.is_file()]
+        if found:
+            return found
+    return []
 
 
 def load_records(
@@ -360,8 +376,8 @@ def load_records(
         if not paths:
             raise FileNotFoundError(
                 f"no benchmark results for setting {setting!r} (looked for "
-                f"benchmarks/results/{setting}/results.json and "
-                f"benchmarks/results/{setting}-quick/results.json); run "
+                f"{setting}/results.json and {setting}-quick/results.json under "
+                f"{', '.join(str(r) for r in results_roots())}); run "
                 f"`etda bench --setting {setting} --quick` to produce them"
             )
     else:

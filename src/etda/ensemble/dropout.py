@@ -68,7 +68,7 @@ class MaskedDropout(nn.Module):
             u = uniform(self.seed, self.layer, -1, np.arange(units))
             shape = x.shape[1:]
         keep = torch.from_numpy(u >= self.p).reshape(shape)
-        return keep.to(x.dtype) / (1.0 - self.p)
+        return keep.to(device=x.device, dtype=x.dtype) / (1.0 - self.p)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mask is None:

@@ -258,7 +258,7 @@ def flat_gradient(
     sizes = [shapes[n].numel() for n in params]
     offsets = dict(zip(params, torch.tensor([0, *sizes]).cumsum(0).tolist(), strict=False))
     dtype = cap.out.dtype
-    flat = torch.empty(b, sum(sizes), dtype=dtype)
+    flat = torch.empty(b, sum(sizes), dtype=dtype, device=cap.out.device)
     for layer, (d, a) in zip(layers, cap.factors, strict=True):
         w = torch.bmm(d.transpose(1, 2), a)  # (B, o, i)
         if layer.weight is not None:

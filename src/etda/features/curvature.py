@@ -106,14 +106,17 @@ class Preconditioner:
         factors ``d (B, L, o)``, ``a (B, L, i)``."""
         lc = self.layers[j]
         dt = d.dtype
-        rot = torch.einsum("blo,bli->boi", d @ lc.q_s.to(dt), a @ lc.q_a.to(dt))
-        return (rot * lc.scale.to(dt)).reshape(d.shape[0], -1)
+        dev = d.device
+        q_s, q_a = lc.q_s.to(device=dev, dtype=dt), lc.q_a.to(device=dev, dtype=dt)
+        rot = torch.einsum("blo,bli->boi", d @ q_s, a @ q_a)
+        return (rot * lc.scale.to(device=dev, dtype=dt)).reshape(d.shape[0], -1)
 
     def rest_features(self, name: str, g: Tensor) -> Tensor:
         """Preconditioned per-example gradients ``(B, numel)`` of a parameter outside the
         hooked layers (diagonal Fisher)."""
         diag, lam = self.rest[name]
-        return g.reshape(g.shape[0], -1) * (diag + lam).clamp_min(1e-300).rsqrt().to(g.dtype)
+        scale = (diag + lam).clamp_min(1e-300).rsqrt().to(device=g.device, dtype=g.dtype)
+        return g.reshape(g.shape[0], -1) * scale
 
     def info(self) -> dict:
         """What is recorded per member: the kind, Fisher, damping per layer."""
@@ -199,12 +202,13 @@ def fit(
     covs = _Sums(checkpoint, "covariances", key)
     for _, hi, cap, _ in _chunks(spec, inputs, covs.done):
         for j, (d, a) in enumerate(cap.factors):
-            d64, a64 = d.to(torch.float64), a.to(torch.float64)
+            d64, a64 = d.to("cpu", torch.float64), a.to("cpu", torch.float64)  # sums on host
             covs.add(f"s{j}", torch.einsum("blo,blp->op", d64, d64))
             covs.add(f"a{j}", torch.einsum("bli,blk->ik", a64, a64))
             covs.add(f"t{j}", torch.tensor(float(a.shape[0] * a.shape[1]), dtype=torch.float64))
         for name, g in cap.rest.items():
-            covs.add(f"r.{name}", g.reshape(g.shape[0], -1).to(torch.float64).pow(2).sum(0))
+            g64 = g.reshape(g.shape[0], -1).to("cpu", torch.float64)
+            covs.add(f"r.{name}", g64.pow(2).sum(0))
         covs.step(hi)
     n = batch.n_rows(inputs.x)
     bases = []
@@ -233,7 +237,8 @@ def _refit_eigenvalues(
     for _, hi, cap, _ in _chunks(spec, inputs, sums.done):
         for j, (d, a) in enumerate(cap.factors):
             q_s, q_a, _ = bases[j]
-            rot = torch.einsum("blo,bli->boi", d.to(torch.float64) @ q_s, a.to(torch.float64) @ q_a)
+            d64, a64 = d.to("cpu", torch.float64), a.to("cpu", torch.float64)
+            rot = torch.einsum("blo,bli->boi", d64 @ q_s, a64 @ q_a)
             sums.add(f"e{j}", rot.pow(2).sum(0))
         sums.step(hi)
     n = batch.n_rows(inputs.x)

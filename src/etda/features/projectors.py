@@ -85,13 +85,13 @@ class DenseProjector(FlatProjector):
         return p
 
     def __call__(self, g: Tensor, offset: int = 0) -> Tensor:
-        out = torch.zeros(g.shape[0], self.dim, dtype=g.dtype)
+        out = torch.zeros(g.shape[0], self.dim, dtype=g.dtype, device=g.device)
         end = offset + g.shape[1]
         b = offset // self.block
         while b * self.block < end:
             lo, hi = max(offset, b * self.block), min(end, (b + 1) * self.block)
             pb = self._block(b, g.dtype)[lo - b * self.block : hi - b * self.block]
-            out.addmm_(g[:, lo - offset : hi - offset], pb)
+            out.addmm_(g[:, lo - offset : hi - offset], pb.to(g.device))
             b += 1
         return out
 
@@ -112,8 +112,9 @@ class CountSketch(FlatProjector):
 
     def __call__(self, g: Tensor, offset: int = 0) -> Tensor:
         end = offset + g.shape[1]
-        out = torch.zeros(g.shape[0], self.dim, dtype=g.dtype)
-        out.index_add_(1, self.buckets[offset:end], g * self.signs[offset:end].to(g.dtype))
+        out = torch.zeros(g.shape[0], self.dim, dtype=g.dtype, device=g.device)
+        signs = self.signs[offset:end].to(device=g.device, dtype=g.dtype)
+        out.index_add_(1, self.buckets[offset:end].to(g.device), g * signs)
         return out
 
 
@@ -131,8 +132,9 @@ class TensorSketch:
         self.b_in, self.s_in = _count_sketch_tables(d_in, dim, seed, _KEY_TENSOR, layer, 1)
 
     def _cs(self, x: Tensor, buckets: Tensor, signs: Tensor) -> Tensor:
-        out = torch.zeros(*x.shape[:-1], self.dim, dtype=x.dtype)
-        out.index_add_(x.ndim - 1, buckets, x * signs.to(x.dtype))
+        out = torch.zeros(*x.shape[:-1], self.dim, dtype=x.dtype, device=x.device)
+        signs = signs.to(device=x.device, dtype=x.dtype)
+        out.index_add_(x.ndim - 1, buckets.to(x.device), x * signs)
         return out
 
     def __call__(self, d: Tensor, a: Tensor) -> Tensor:

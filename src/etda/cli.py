@@ -449,27 +449,20 @@ def attribute(
         set_threads(threads)
         with _user_errors():
             scores = _attribute_user_code(
-                model_ref,
-                train_ref,
-                test_ref,
-                task_ref,
+                {"model": model_ref, "train": train_ref, "test": test_ref, "task": task_ref},
                 method,
-                method_options,
-                damping,
+                {**method_options, **({} if damping is None else {"damping": damping})},
+                {"members": members, "p": p, "rank": rank, "lora_epochs": lora_epochs},
                 ensemble,
-                members,
-                p,
-                rank,
-                lora_epochs,
-                seed,
-                proj_dim,
-                projection,
-                store,
-                progress,
-                _bytes_option(max_memory, "--max-memory"),
-                storage,
-                scores_out,
-                max(top_k, 10),
+                proj_dim=proj_dim,
+                projection=projection,
+                seed=seed,
+                store=store,
+                progress=progress,
+                memory_budget=_bytes_option(max_memory, "--max-memory"),
+                storage=storage,
+                scores_out=scores_out,
+                top_k=max(top_k, 10),
             )
         if out is not None:
             scores.save(out)
@@ -527,54 +520,30 @@ def attribute(
 
 
 def _attribute_user_code(
-    model_ref,
-    train_ref,
-    test_ref,
-    task_ref,
-    method,
-    method_options,
-    damping,
-    ensemble,
-    members,
-    p,
-    rank,
-    lora_epochs,
-    seed,
-    proj_dim,
-    projection,
-    store,
-    progress,
-    budget,
-    storage,
-    scores_out,
-    keep_top,
+    refs: dict,
+    method: str,
+    method_options: dict,
+    ensemble_options: dict,
+    ensemble: str,
+    **attribute_options,
 ):
-    """``etda.attribute`` on the user's model, data and task named by references."""
+    """``etda.attribute`` on the user's model, data and task named by ``refs``."""
     import etda
     from etda.experiment import make_ensemble
     from etda.usercode import build
 
-    if train_ref is None or test_ref is None:
+    if refs["train"] is None or refs["test"] is None:
         raise ValueError("--model needs --train and --test (pkg.module:name references)")
-    options = dict(method_options)
-    if damping is not None:
-        options["damping"] = parse_damping(damping)
+    if "damping" in method_options:
+        method_options = {**method_options, "damping": parse_damping(method_options["damping"])}
     return etda.attribute(
-        build(model_ref),
-        train=build(train_ref),
-        test=build(test_ref),
-        method=etda.get_method(method, **options),
-        ensemble=make_ensemble(ensemble, members, p=p, rank=rank, lora_epochs=lora_epochs),
-        task=None if task_ref is None else build(task_ref),
-        proj_dim=proj_dim,
-        projection=projection,
-        seed=seed,
-        store=store,
-        progress=progress,
-        memory_budget=budget,
-        storage=storage,
-        scores_out=scores_out,
-        top_k=keep_top,
+        build(refs["model"]),
+        train=build(refs["train"]),
+        test=build(refs["test"]),
+        method=etda.get_method(method, **method_options),
+        ensemble=make_ensemble(ensemble, **ensemble_options),
+        task=None if refs["task"] is None else build(refs["task"]),
+        **attribute_options,
     )
 
 

@@ -338,3 +338,28 @@ def test_regression_task_shapes() -> None:
     assert t.loss(out, y).shape == (4,) and t.output(out, y).shape == (4,)
     with pytest.raises(ValueError, match="floating point"):
         t.check(out, torch.ones(4, dtype=torch.long))
+
+
+def test_a_dataset_of_dict_items_with_different_shapes() -> None:
+    class Items(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i: int) -> dict:
+            g = torch.Generator().manual_seed(i)
+            return {
+                "a": torch.randn(3, generator=g, dtype=D64),
+                "b": torch.randn(2, generator=g, dtype=D64),
+                "labels": torch.tensor(i % 3),
+            }
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(5, 3).to(D64)
+
+        def forward(self, a, b):
+            return self.lin(torch.cat([a, b], -1))
+
+    s = etda.attribute(Two(), Items(), Items(), method="graddot", dtype="float64")
+    assert s.values.shape == (8, 8) and np.isfinite(s.values).all()

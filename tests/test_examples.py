@@ -72,9 +72,9 @@ def test_hf_text_classifier() -> None:
     pytest.importorskip("tokenizers")
     r = load("hf_text_classifier").main(fast=True)
     assert r["shape"] == (16, 160)
-    assert r["accuracy"] >= 0.6
-    assert r["graddot_same_label"] > 0.6 and r["trak_same_label"] > 0.6  # chance: 50%
-    assert r["trak_same_key"] > 0.15  # chance: 10%
+    assert r["accuracy"] >= 0.75
+    assert r["gradcos_same_label"] > 0.8 and r["trak_same_label"] > 0.8  # chance: 50%
+    assert r["trak_same_key"] > 0.25  # chance: 10%
     assert r["padding_change"] < 1e-4  # padded positions change no score
 
 
@@ -83,9 +83,9 @@ def test_gpt2_kjv() -> None:
     pytest.importorskip("transformers")
     pytest.importorskip("tokenizers")
     r = load("gpt2_kjv").main(fast=True)
-    assert r["shape"] == (12, 200) and r["task"] == "sequence"
+    assert r["shape"] == (12, 240) and r["task"] == "sequence"
     assert r["loss_after"] < r["loss_before"] - 0.5  # it learned something
-    assert r["same_book"] > r["chance"]
+    assert r["same_book"] > r["chance"] + 0.05  # proponents come from the test verse's book
 
 
 def test_dataloader_of_dicts() -> None:

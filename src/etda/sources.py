@@ -53,13 +53,15 @@ def _tensor(v: Any) -> Tensor:
     return v if isinstance(v, Tensor) else torch.as_tensor(np.asarray(v))
 
 
-def _inputs(x: Any, name: str) -> batch.Inputs:
+def _inputs(x: Any, name: str, batched: bool = True) -> batch.Inputs:
+    """A tensor or a dict of tensors; a batch's tensors must share their first dimension
+    (one example's need not)."""
     if isinstance(x, Mapping):
         out = {str(k): _tensor(v) for k, v in x.items()}
         if not out:
             raise ValueError(f"{name} inputs are an empty dict")
         sizes = {k: v.shape[0] if v.ndim else 0 for k, v in out.items()}
-        if len(set(sizes.values())) != 1:
+        if batched and len(set(sizes.values())) != 1:
             raise ValueError(f"{name} input tensors differ in their first dimension: {sizes}")
         return out
     return _tensor(x)
@@ -93,7 +95,7 @@ def _from_items(items: list, name: str, batched: bool = False) -> tuple[batch.In
     if not items:
         raise ValueError(f"{name} set is empty")
     pairs = [_split(i, name) for i in items]
-    xs = [_inputs(x, name) for x, _ in pairs]
+    xs = [_inputs(x, name, batched) for x, _ in pairs]
     ys = [_tensor(y) for _, y in pairs]
     join = torch.cat if batched else torch.stack
     if isinstance(xs[0], Mapping):

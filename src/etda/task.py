@@ -175,6 +175,10 @@ class RegressionTask:
       linear model;
     * output: the prediction (summed over outputs);
     * q: ones (TRAK's linear-model case: the output's gradient is its own linearization).
+
+    Signs: loss-based methods (IF, Grad-Dot, TracIn) score positive when the training example
+    lowers the test loss; TRAK differentiates the output, so for regression its positive
+    scores *raise the prediction* (TRAK's kernel weights), whichever way the target lies.
     """
 
     name = "regression"

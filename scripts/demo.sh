@@ -5,4 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+export ETDA_CACHE_DIR="${ETDA_CACHE_DIR:-$PWD/runs}"  # a checkout keeps its caches in runs/
 exec .venv/bin/etda demo "$@"

@@ -80,3 +80,18 @@ def pytest_terminal_summary(terminalreporter) -> None:
     why = datagate.required_by()
     mode = f"{why}: skips fail" if why else "set ETDA_REQUIRE_DATA=1 to make skips fail"
     terminalreporter.write_line(f"etda: {skipped} test(s) skipped ({mode})")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """etda's default cache (trained models, ground truths, text) in a folder of this test
+    session, never the user's cache or the working directory."""
+    import os
+
+    old = os.environ.get("ETDA_CACHE_DIR")
+    os.environ["ETDA_CACHE_DIR"] = str(tmp_path_factory.mktemp("etda-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ETDA_CACHE_DIR", None)
+    else:
+        os.environ["ETDA_CACHE_DIR"] = old

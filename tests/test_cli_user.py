@@ -153,3 +153,30 @@ def test_progress_bars_stay_out_of_logs() -> None:
     from etda.io import bar_off
 
     assert bar_off(False) is True and bar_off(True) is None  # None: tqdm checks for a terminal
+
+
+def test_built_in_settings_cache_outside_the_working_directory(tmp_path, monkeypatch) -> None:
+    cache, work = tmp_path / "cache", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("ETDA_CACHE_DIR", str(cache))
+    args = ["attribute", "-s", "digits-logreg", "-m", "graddot", "--no-progress"]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert list(work.iterdir()) == []  # nothing in the working directory
+    assert (cache / "models").is_dir() and list((cache / "attribute").iterdir())
+
+
+def test_options_are_real_choices_with_completion() -> None:
+    import click
+    import typer.main
+
+    command = typer.main.get_command(app).commands["attribute"]
+    params = {p.name: p for p in command.params}
+    ctx = click.Context(command)
+    methods = [c.value for c in params["method"].shell_complete(ctx, "")]
+    assert "trak" in methods and "if" in methods
+    assert "dropout" in [c.value for c in params["ensemble"].shell_complete(ctx, "")]
+    help_text = CliRunner().invoke(app, ["attribute", "--help"], env={"COLUMNS": "200"}).output
+    flag_lines = [ln for ln in help_text.splitlines() if "--json" in ln or "--lds" in ln]
+    assert flag_lines and not any("<bool>" in ln for ln in flag_lines)

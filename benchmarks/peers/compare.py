@@ -28,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+# the repository's runs/ holds the models and ground truth every configuration shares
+os.environ.setdefault("ETDA_CACHE_DIR", str(Path(__file__).resolve().parents[2] / "runs"))
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 WORK = HERE / "work"

@@ -33,18 +33,19 @@ from etda.features.store import CorruptStoreError, StaleStoreError, StoreLockedE
 from etda.io import fmt_seconds, human_bytes, parse_seconds, parse_size
 from etda.methods import METHODS, method_takes
 from etda.parallel import EXECUTORS
+from etda.paths import cache_path
 from etda.settings import SETTINGS
 
 app = typer.Typer(
     name="etda",
     help=(
-        "[bold]etda[/bold]: efficient training data attribution. Attribute a named setting's "
-        "test predictions to its training examples with any method x ensemble, and measure "
-        "the quality (LDS) and costs."
+        "[bold]etda[/bold]: efficient training data attribution. Attribute your own model's "
+        "test predictions (--model/--train/--test) or a named setting's to the training "
+        "examples with any method x ensemble; measure the quality (LDS) and costs."
     ),
     no_args_is_help=True,
     rich_markup_mode="rich",
-    add_completion=False,
+    add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -158,7 +159,9 @@ def _version_cb(value: bool) -> None:
 def _main(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version_cb, is_eager=True, help="Show the version."),
+        typer.Option(
+            "--version", callback=_version_cb, is_eager=True, help="Show the version.", metavar=""
+        ),
     ] = False,
 ) -> None:
     """etda: efficient training data attribution."""
@@ -169,17 +172,31 @@ def _main(
 SettingOpt = Annotated[
     str,
     typer.Option(
-        "--setting", "-s", callback=_setting_cb, help="Named setting (see [bold]etda settings[/])."
+        "--setting",
+        "-s",
+        callback=_setting_cb,
+        autocompletion=lambda: list(SETTINGS),
+        help="Named setting (see [bold]etda settings[/]).",
     ),
 ]
 MethodOpt = Annotated[
     str,
-    typer.Option("--method", "-m", callback=_method_cb, help=f"Method: {' | '.join(METHODS)}."),
+    typer.Option(
+        "--method",
+        "-m",
+        callback=_method_cb,
+        autocompletion=lambda: list(METHODS),
+        help=f"Method: {' | '.join(METHODS)}.",
+    ),
 ]
 EnsembleOpt = Annotated[
     str,
     typer.Option(
-        "--ensemble", "-e", callback=_ensemble_cb, help=f"Ensemble: {' | '.join(ENSEMBLES)}."
+        "--ensemble",
+        "-e",
+        callback=_ensemble_cb,
+        autocompletion=lambda: list(ENSEMBLES),
+        help=f"Ensemble: {' | '.join(ENSEMBLES)}.",
     ),
 ]
 ModelsOpt = Annotated[
@@ -191,11 +208,17 @@ ThreadsOpt = Annotated[
     typer.Option(callback=_positive_cb, help="Torch threads (default: torch's choice)."),
 ]
 ProgressOpt = Annotated[
-    bool, typer.Option("--progress/--no-progress", help="Progress bars on stderr.")
+    bool, typer.Option("--progress/--no-progress", help="Progress bars on stderr.", metavar="")
 ]
-ModelDirOpt = Annotated[Path, typer.Option(help="Cache of trained models (reused across runs).")]
+ModelDirOpt = Annotated[
+    Path | None,
+    typer.Option(help="Cache of trained models (default: $ETDA_CACHE_DIR/models, ~/.cache/etda)."),
+]
 LdsCacheOpt = Annotated[
-    Path, typer.Option(help="Cache of LDS ground-truth retrainings (reused and resumed).")
+    Path | None,
+    typer.Option(
+        help="Cache of LDS ground-truth retrainings (default: $ETDA_CACHE_DIR/lds-cache)."
+    ),
 ]
 NSubsetsOpt = Annotated[
     int, typer.Option(help="LDS: random training subsets to retrain on (>= 2).")
@@ -207,7 +230,9 @@ SeedsPerSubsetOpt = Annotated[
 ExecutorOpt = Annotated[
     str,
     typer.Option(
-        callback=_executor_cb, help=f"Where LDS retraining runs: {' | '.join(EXECUTORS)}."
+        callback=_executor_cb,
+        autocompletion=lambda: list(EXECUTORS),
+        help=f"Where LDS retraining runs: {' | '.join(EXECUTORS)}.",
     ),
 ]
 WorkersOpt = Annotated[
@@ -294,7 +319,7 @@ def attribute(
         typer.Option("--task", help="Your task: pkg.module:name (default: from the targets)."),
     ] = None,
     json_out: Annotated[
-        bool, typer.Option("--json", help="Print a JSON summary instead of tables.")
+        bool, typer.Option("--json", help="Print a JSON summary instead of tables.", metavar="")
     ] = False,
     setting: SettingOpt = "fmnist-mlp",
     method: MethodOpt = "trak",
@@ -335,6 +360,7 @@ def attribute(
         str,
         typer.Option(
             callback=_projection_cb,
+            autocompletion=lambda: list(PROJECTIONS),
             help=f"Featurizer: {' | '.join(PROJECTIONS)} (auto: exact kernel while n fits).",
         ),
     ] = "auto",
@@ -349,6 +375,7 @@ def attribute(
         str,
         typer.Option(
             callback=_curvature_cb,
+            autocompletion=lambda: ["gram", *CURVATURES],
             help="IF curvature: gram (exact Gram solve) | kfac | ekfac (Kronecker-factored "
             "Fisher, fitted per member).",
         ),
@@ -357,6 +384,7 @@ def attribute(
         str,
         typer.Option(
             callback=_fisher_cb,
+            autocompletion=lambda: list(FISHERS),
             help="K-FAC/EK-FAC Fisher: sampled (labels drawn from the model) | empirical.",
         ),
     ] = "sampled",
@@ -376,20 +404,22 @@ def attribute(
             "--repair",
             help="Recompute only the stored feature rows that fail their checksum (instead "
             "of refusing a damaged --store).",
+            metavar="",
         ),
     ] = False,
-    model_dir: ModelDirOpt = Path("runs/models"),
+    model_dir: ModelDirOpt = None,
     lds_on: Annotated[
         bool,
         typer.Option(
             "--lds/--no-lds",
             help="Measure the LDS (retrains the setting's models on subsets; cached).",
+            metavar="",
         ),
     ] = False,
     n_subsets: NSubsetsOpt = 50,
     fraction: FractionOpt = 0.5,
     seeds_per_subset: SeedsPerSubsetOpt = 1,
-    lds_cache: LdsCacheOpt = Path("runs/lds-cache"),
+    lds_cache: LdsCacheOpt = None,
     executor: ExecutorOpt = "process",
     workers: WorkersOpt = None,
     address: AddressOpt = None,
@@ -408,7 +438,9 @@ def attribute(
     storage: Annotated[
         str,
         typer.Option(
-            callback=_storage_cb, help="Stored feature precision: float32 | float16 | bfloat16."
+            callback=_storage_cb,
+            autocompletion=lambda: ["float32", "float16", "bfloat16"],
+            help="Stored feature precision: float32 | float16 | bfloat16.",
         ),
     ] = "float32",
     scores_out: Annotated[
@@ -689,7 +721,7 @@ def lds(
     executor: ExecutorOpt = "process",
     workers: WorkersOpt = None,
     address: AddressOpt = None,
-    lds_cache: LdsCacheOpt = Path("runs/lds-cache"),
+    lds_cache: LdsCacheOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Build or resume the LDS ground truth (retrained models on random subsets)."""
@@ -715,7 +747,7 @@ def train(
         int, typer.Option("--models", "-K", callback=_positive_cb, help="Models to train (K).")
     ] = 1,
     first_seed: Annotated[int, typer.Option(min=0, help="Seed of the first model.")] = 0,
-    model_dir: ModelDirOpt = Path("runs/models"),
+    model_dir: ModelDirOpt = None,
     threads: ThreadsOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
@@ -784,8 +816,8 @@ def mislabel(
     ] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the flipped labels.")] = 0,
     top: Annotated[int, typer.Option(min=1, help="Most suspicious examples shown.")] = 10,
-    model_dir: ModelDirOpt = Path("runs/models"),
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    model_dir: ModelDirOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.", metavar="")] = False,
     threads: ThreadsOpt = None,
 ) -> None:
     """Find mislabelled training examples. Built-in settings: flip a seeded fraction of the
@@ -800,7 +832,7 @@ def mislabel(
             return
         from etda.evaluate.mislabel import run_mislabel
 
-        rep = run_mislabel(setting, method, "none", fraction, seed, model_dir=str(model_dir))
+        rep = run_mislabel(setting, method, "none", fraction, seed, model_dir=model_dir)
     names = ["self_influence", "loss", "loss_checkpoints", "aum_checkpoints", "fusion", "random"]
     rows = {n: {"auc": rep[n]["auc"], "found_at": rep[n]["found_at"]} for n in names}
     if json_out:
@@ -870,7 +902,7 @@ app.command(name="demo")(_demo)
 def bench(
     setting: SettingOpt = "fmnist-mlp",
     quick: Annotated[
-        bool, typer.Option("--quick", help="A small sweep that runs in a few minutes.")
+        bool, typer.Option("--quick", help="A small sweep that runs in a few minutes.", metavar="")
     ] = False,
     out: Annotated[
         Path | None,
@@ -881,18 +913,24 @@ def bench(
         typer.Option(help="Comma-separated methods to keep, e.g. trak,graddot (default: all)."),
     ] = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Rerun configurations already in results.json.")
+        bool,
+        typer.Option("--force", help="Rerun configurations already in results.json.", metavar=""),
     ] = False,
     with_mislabel: Annotated[
         bool,
-        typer.Option("--mislabel/--no-mislabel", help="Mislabel detection for a few configs."),
+        typer.Option(
+            "--mislabel/--no-mislabel", help="Mislabel detection for a few configs.", metavar=""
+        ),
     ] = True,
     with_variance: Annotated[
         bool,
-        typer.Option("--variance/--no-variance", help="Fit the ensemble-variance theory."),
+        typer.Option(
+            "--variance/--no-variance", help="Fit the ensemble-variance theory.", metavar=""
+        ),
     ] = True,
     with_report: Annotated[
-        bool, typer.Option("--report/--no-report", help="Write report.md and the plots.")
+        bool,
+        typer.Option("--report/--no-report", help="Write report.md and the plots.", metavar=""),
     ] = True,
     n_subsets: Annotated[
         int | None,
@@ -906,11 +944,11 @@ def bench(
     executor: ExecutorOpt = "process",
     workers: WorkersOpt = None,
     address: AddressOpt = None,
-    lds_cache: LdsCacheOpt = Path("runs/lds-cache"),
-    model_dir: ModelDirOpt = Path("runs/models"),
+    lds_cache: LdsCacheOpt = None,
+    model_dir: ModelDirOpt = None,
     threads: ThreadsOpt = None,
     progress: Annotated[
-        bool, typer.Option("--progress/--no-progress", help="Progress bars on stderr.")
+        bool, typer.Option("--progress/--no-progress", help="Progress bars on stderr.", metavar="")
     ] = False,
 ) -> None:
     """Sweep method x ensemble x size on a setting: LDS, costs, mislabel AUC, variance fit.
@@ -1013,6 +1051,7 @@ def explain(
         str,
         typer.Option(
             callback=_projection_cb,
+            autocompletion=lambda: list(PROJECTIONS),
             help=f"Featurizer: {' | '.join(PROJECTIONS)} (auto; sequence settings: factored "
             "with k = 2048).",
         ),
@@ -1036,7 +1075,7 @@ def explain(
         Path | None,
         typer.Option(help="Image settings: where the PNG grid goes (default runs/explain/...)."),
     ] = None,
-    model_dir: ModelDirOpt = Path("runs/models"),
+    model_dir: ModelDirOpt = None,
     threads: ThreadsOpt = None,
     progress: ProgressOpt = False,
 ) -> None:
@@ -1074,7 +1113,7 @@ def explain(
         typer.echo(render_text(e))
         if e.test.text is None:  # an image setting
             m = members if members is not None else default_members(ensemble)
-            path = png or Path("runs/explain") / (
+            path = png or cache_path("explain") / (
                 f"{setting}-test{test}-{method}-{ensemble}-k{models}-m{m}-s{seed}.png"
             )
             typer.echo(f"image grid: {render_png(e, path)}")
@@ -1142,6 +1181,7 @@ def plan(
             "--all/--pareto",
             help="Show every feasible candidate, or only those no other one beats on LDS "
             "and every cost (default).",
+            metavar="",
         ),
     ] = False,
 ) -> None:

@@ -24,6 +24,7 @@ from etda.ensemble import ENSEMBLES, Ensemble
 from etda.ensemble import make_ensemble as make_preset
 from etda.features.featurize import PROJECTIONS as _PROJECTIONS
 from etda.methods import METHODS, Method, get_method, method_takes
+from etda.paths import cache_path
 from etda.scores import Scores
 from etda.settings import Setting, get_setting
 from etda.zoo import TrainedModel, trained_models
@@ -144,7 +145,7 @@ def cached_jobs(setting: Setting, config: LDSConfig, cache_dir: str | os.PathLik
 def build_ground_truth(
     setting: Setting | str,
     config: LDSConfig,
-    cache_dir: str | os.PathLike = "runs/lds-cache",
+    cache_dir: str | os.PathLike | None = None,
     executor: str = "process",
     workers: int | None = None,
     address: str | None = None,
@@ -184,7 +185,7 @@ def prepare_models(
     kind: str | Ensemble,
     k_models: int,
     n_checkpoints: int,
-    model_dir: str | os.PathLike = "runs/models",
+    model_dir: str | os.PathLike | None = None,
     first_seed: int = 0,
     progress: bool = True,
 ) -> tuple[list[TrainedModel], list[nn.Module], dict[str, Any]]:
@@ -229,10 +230,10 @@ def run_attribution(
     seed: int = 0,
     store: str | os.PathLike | None = None,
     progress: bool = True,
-    model_dir: str | os.PathLike = "runs/models",
+    model_dir: str | os.PathLike | None = None,
     first_seed: int = 0,
     lds_config: LDSConfig | None = None,
-    lds_cache_dir: str | os.PathLike = "runs/lds-cache",
+    lds_cache_dir: str | os.PathLike | None = None,
     executor: str = "process",
     workers: int | None = None,
     address: str | None = None,
@@ -337,9 +338,10 @@ def run_attribution(
 def default_out_dir(
     setting: str, method: str, ensemble: str, k_models: int, members: int | None, seed: int
 ) -> Path:
-    """``runs/attribute/<setting>-<method>-<ensemble>-k<K>-m<M>-s<seed>``."""
+    """``<cache>/attribute/<setting>-<method>-<ensemble>-k<K>-m<M>-s<seed>`` (the cache:
+    :func:`etda.paths.cache_root`)."""
     m = (default_members(ensemble) if ensemble in ENSEMBLES else 1) if members is None else members
-    return Path("runs/attribute") / f"{setting}-{method}-{ensemble}-k{k_models}-m{m}-s{seed}"
+    return cache_path("attribute") / f"{setting}-{method}-{ensemble}-k{k_models}-m{m}-s{seed}"
 
 
 def damping_summary(scores: Scores) -> str:

@@ -132,7 +132,7 @@ def explain(
     rank: int | None = None,
     lora_epochs: int | None = None,
     seed: int = 0,
-    model_dir: str | os.PathLike = "runs/models",
+    model_dir: str | os.PathLike | None = None,
     progress: bool = False,
 ) -> Explanation:
     """Explain test example ``test`` of ``setting`` (or a generated passage, ``prompt=``).

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from etda import __version__
 from etda.io import bar_off
 from etda.parallel import torch_threads
+from etda.paths import cache_path
 from etda.settings import Setting
 from etda.train import load_weights, save_weights
 
@@ -66,15 +67,16 @@ class _MissingCheckpoints(CacheMismatch):
     """A valid cached model without some requested checkpoints (retrained, not reported)."""
 
 
-def model_folder(setting: Setting, cache_dir: str | os.PathLike = "runs/models") -> Path:
+def model_folder(setting: Setting, cache_dir: str | os.PathLike | None = None) -> Path:
     """The folder holding ``setting``'s cached models."""
+    cache_dir = cache_path("models", cache_dir)
     return Path(cache_dir) / f"{setting.name}-{setting.fingerprint()[:12]}"
 
 
 def trained_models(
     setting: Setting,
     count: int,
-    cache_dir: str | os.PathLike = "runs/models",
+    cache_dir: str | os.PathLike | None = None,
     first_seed: int = 0,
     checkpoint_epochs: Sequence[int] = (),
     progress: bool = True,

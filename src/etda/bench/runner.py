@@ -232,7 +232,7 @@ def run_mislabel_config(
         p=p,
         dropout=mc.dropout,
         epochs=epochs,
-        model_dir=str(model_dir),
+        model_dir=model_dir,
     )
     label = f"{mc.method} " + (
         f"naive {mc.models}" if ensemble == "none" else f"{ensemble} {members or ''}".strip()
@@ -312,8 +312,8 @@ def run_bench(
     workers: int | None = None,
     address: str | None = None,
     force: bool = False,
-    model_dir: str | os.PathLike = "runs/models",
-    lds_cache: str | os.PathLike = "runs/lds-cache",
+    model_dir: str | os.PathLike | None = None,
+    lds_cache: str | os.PathLike | None = None,
     lds_config: LDSConfig | None = None,
     mislabel: bool = True,
     variance: bool = True,

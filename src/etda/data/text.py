@@ -40,6 +40,7 @@ from torch import Tensor
 
 from etda.data.bundle import DataBundle, _check_size
 from etda.io import atomic_write
+from etda.paths import cache_path
 
 KJV_ENV = "ETDA_TEXT_CACHE"  # directory of the decoded-text cache (default: runs/text-cache)
 KJV_RANGE = "gen1:1-rev22:21"
@@ -67,7 +68,8 @@ class Corpus:
 def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
-    return Path(os.environ.get(KJV_ENV, "runs/text-cache"))
+    env = os.environ.get(KJV_ENV)
+    return Path(env) if env else cache_path("text-cache")
 
 
 def _run_bible() -> str:

@@ -35,6 +35,7 @@ import numpy as np
 from etda.data.subsets import random_subset_masks
 from etda.features.store import acquire_lock, release_lock
 from etda.parallel import Executor, get_executor, torch_threads
+from etda.paths import cache_path
 from etda.scores import Scores
 from etda.seeding import derive_seed
 from etda.settings import SETTINGS, Setting, get_setting
@@ -216,9 +217,15 @@ def _retrain_job(job: tuple[str, Setting | None, str, np.ndarray, int]) -> tuple
 # ------------------------------------------------------------------------------ cache
 
 
-def cache_folder(setting: Setting, config: LDSConfig, cache_dir: str | os.PathLike) -> Path:
-    """The folder holding ``setting``'s ground-truth jobs for ``config``."""
-    return Path(cache_dir) / f"{setting.name}-{_cache_key(setting.fingerprint(), config)}"
+def cache_folder(
+    setting: Setting, config: LDSConfig, cache_dir: str | os.PathLike | None = None
+) -> Path:
+    """The folder holding ``setting``'s ground-truth jobs for ``config`` (default cache:
+    ``etda.paths.cache_root() / "lds-cache"``)."""
+    return (
+        cache_path("lds-cache", cache_dir)
+        / f"{setting.name}-{_cache_key(setting.fingerprint(), config)}"
+    )
 
 
 def _cache_key(fingerprint: str, config: LDSConfig) -> str:
@@ -316,7 +323,7 @@ def _write_job(path: Path, outputs: np.ndarray, seconds: float, seed: int) -> No
 def ground_truth(
     setting: Setting | str,
     config: LDSConfig = LDSConfig(),  # noqa: B008  (frozen, so a shared default is safe)
-    cache_dir: str | os.PathLike = "runs/lds-cache",
+    cache_dir: str | os.PathLike | None = None,
     executor: str | Executor = "process",
     workers: int | None = None,
     address: str | None = None,
@@ -345,7 +352,7 @@ def ground_truth(
 def load_ground_truth(
     setting: Setting | str,
     config: LDSConfig = LDSConfig(),  # noqa: B008
-    cache_dir: str | os.PathLike = "runs/lds-cache",
+    cache_dir: str | os.PathLike | None = None,
 ) -> GroundTruth:
     """The cached ground truth; raises FileNotFoundError if any job is missing or corrupt."""
     return _collect(setting, config, cache_dir, None, None, None, False, False)

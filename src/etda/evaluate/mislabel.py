@@ -243,7 +243,7 @@ def run_mislabel(
     lora_epochs: int | None = None,
     dropout: float | None = None,
     epochs: int | None = None,
-    model_dir: str = "runs/models",
+    model_dir: str | None = None,
     progress: bool = False,
     **options: Any,
 ) -> dict:

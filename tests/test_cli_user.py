@@ -180,3 +180,24 @@ def test_options_are_real_choices_with_completion() -> None:
     help_text = CliRunner().invoke(app, ["attribute", "--help"], env={"COLUMNS": "200"}).output
     flag_lines = [ln for ln in help_text.splitlines() if "--json" in ln or "--lds" in ln]
     assert flag_lines and not any("<bool>" in ln for ln in flag_lines)
+
+
+def test_explain_saved_scores_of_user_data(user_package) -> None:
+    (user_package / "mypkg" / "decode.py").write_text(
+        "def decode(x):\n    return 'row ' + ' '.join(f'{v:.1f}' for v in x[:2].tolist())\n"
+    )
+    out = user_package / "scores"
+    runner = CliRunner()
+    result = runner.invoke(app, ["attribute", *REFS, "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    args = ["explain", "--scores", str(out), "--train", "mypkg.data:train", "-t", "1"]
+    result = runner.invoke(app, [*args, "--decode", "mypkg.decode:decode", "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    scores = etda.Scores.load(out)
+    best = scores.top(2)[1]["proponents"][0][0]
+    assert f"train #{best}" in result.output and "'row " in result.output
+    png = user_package / "grid.png"
+    args += ["--test-data", "mypkg.data:test", "--png", str(png)]
+    result = runner.invoke(app, args)  # 4 inputs: drawn as 2 x 2 images
+    assert result.exit_code == 0, result.output
+    assert "image grid" in result.output and png.stat().st_size > 1000

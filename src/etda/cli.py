@@ -1019,6 +1019,24 @@ def main() -> None:  # pragma: no cover - `python -m etda.cli`
 
 @app.command()
 def explain(
+    saved: Annotated[
+        Path | None,
+        typer.Option(
+            "--scores",
+            help="Explain saved scores of your own data (a folder from etda attribute --out) "
+            "instead of a setting; with --train (and --test, --decode) references.",
+        ),
+    ] = None,
+    train_ref: Annotated[
+        str | None, typer.Option("--train", help="With --scores: your training data reference.")
+    ] = None,
+    test_ref: Annotated[
+        str | None, typer.Option("--test-data", help="With --scores: your test data reference.")
+    ] = None,
+    decode_ref: Annotated[
+        str | None,
+        typer.Option("--decode", help="With --scores: decode(x) -> str for text inputs."),
+    ] = None,
     setting: SettingOpt = "kjv-transformer",
     test: Annotated[int, typer.Option("--test", "-t", min=0, help="Test example to explain.")] = 0,
     prompt: Annotated[
@@ -1085,6 +1103,10 @@ def explain(
     from etda.explain import explain as run_explain
     from etda.explain import render_png, render_text
 
+    if saved is not None:
+        with _user_errors():
+            _explain_saved(saved, train_ref, test_ref, decode_ref, test, top_k, png)
+        return
     if damping is not None and not method_takes(method, "damping"):
         raise typer.BadParameter(f"method {method!r} has no damping", param_hint="--damping")
     set_threads(threads)
@@ -1117,6 +1139,26 @@ def explain(
                 f"{setting}-test{test}-{method}-{ensemble}-k{models}-m{m}-s{seed}.png"
             )
             typer.echo(f"image grid: {render_png(e, path)}")
+
+
+def _explain_saved(saved, train_ref, test_ref, decode_ref, index, top_k, png) -> None:
+    from etda.explain import explain_saved, render_png, render_text
+    from etda.scores import Scores
+    from etda.usercode import build, load_object
+
+    if train_ref is None:
+        raise ValueError("--scores needs --train (the data the scores were computed on)")
+    e = explain_saved(
+        Scores.load(saved),
+        build(train_ref),
+        None if test_ref is None else build(test_ref),
+        index,
+        top_k,
+        None if decode_ref is None else load_object(decode_ref),
+    )
+    typer.echo(render_text(e, costs=False))
+    if e.test.x is not None and png is not None:
+        typer.echo(f"image grid: {render_png(e, png)}")
 
 
 # -------------------------------------------------------------------------------- plan

@@ -263,7 +263,11 @@ def render_text(e: Explanation, costs: bool = True) -> str:
         lines.append(f"attributed passage (last {len(e.test.text or '')} characters):")
     else:
         lines.append(f"test #{e.test.index} ({e.test.label}):")
-    if e.test.text is not None:
+    if "output_line" in e.info:  # saved scores: no model run here
+        if e.test.text is not None:
+            lines.append(f"  {_show(e.test.text)!r}")
+        lines.append(f"  {e.info['output_line']}")
+    elif e.test.text is not None:
         lines.append(f"  {_show(e.test.text)!r}")
         lines.append(
             f"  log-likelihood {e.test.score:.2f} nats ({e.info['nats_per_char']:.3f} nats/char)"
@@ -278,6 +282,55 @@ def render_text(e: Explanation, costs: bool = True) -> str:
     if costs:
         lines.append(f"costs: {e.scores.costs.summary()}")
     return "\n".join(lines)
+
+
+def explain_saved(
+    scores: Scores,
+    train: Any,
+    test: Any = None,
+    index: int = 0,
+    top_k: int = 5,
+    decode: Any = None,
+) -> Explanation:
+    """The explanation of test example ``index`` from saved ``scores`` of the user's data:
+    ``train``/``test`` as ``etda.attribute`` takes them (the inputs shown), ``decode(x) ->
+    str`` to show text inputs; image-like inputs are drawn by :func:`render_png`."""
+    from etda.batch import is_dict
+    from etda.sources import as_tensors
+
+    n_test, n_train = scores.shape
+    if not isinstance(index, int) or not 0 <= index < n_test:
+        raise ValueError(f"test index must be in [0, {n_test}), got {index!r}")
+    x, y = as_tensors(train, "train")
+    if y.shape[0] != n_train:
+        raise ValueError(f"the scores have {n_train} training columns, the data {y.shape[0]}")
+
+    def shown(xs: Any, ys: Tensor, i: int, score: float) -> Example:
+        xi = {k: v[i] for k, v in xs.items()} if is_dict(xs) else xs[i]
+        text = decode(xi) if decode is not None else None
+        image = None if text is not None or is_dict(xs) else xi
+        label = str(ys[i].tolist()) if ys[i].numel() <= 4 else f"{tuple(ys[i].shape)} targets"
+        return Example(i, score, label, text, image)
+
+    row = scores.top(top_k)[index]
+    if test is not None:
+        xt, yt = as_tensors(test, "test")
+        head = shown(xt, yt, index, float("nan"))
+    else:
+        head = Example(index, float("nan"), "?")
+    cfg = scores.config
+    return Explanation(
+        setting="your data",
+        method=scores.method,
+        ensemble=str(cfg.get("ensemble", {}).get("preset", "?")),
+        n_models=int(cfg.get("n_models", 1)),
+        n_members=len(cfg.get("members", [])),
+        test=head,
+        proponents=[shown(x, y, int(i), float(v)) for i, v in row["proponents"]],
+        opponents=[shown(x, y, int(i), float(v)) for i, v in row["opponents"]],
+        scores=scores,
+        info={"output_line": f"saved scores ({n_test} x {n_train})", "predicted": "-"},
+    )
 
 
 def _image(x: Tensor) -> np.ndarray:

@@ -38,6 +38,22 @@ PACKAGE = {
         def test():
             return _make(5, 2)
     """,
+    "mypkg/fit.py": """
+        import torch
+        from torch import nn
+
+        from mypkg.models import build
+
+        def train_fn(x, y, seed):
+            torch.manual_seed(seed)
+            model = build()
+            opt = torch.optim.SGD(model.parameters(), lr=0.3)
+            for _ in range(30):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+            return model.eval()
+    """,
 }
 
 
@@ -201,3 +217,28 @@ def test_explain_saved_scores_of_user_data(user_package) -> None:
     result = runner.invoke(app, args)  # 4 inputs: drawn as 2 x 2 images
     assert result.exit_code == 0, result.output
     assert "image grid" in result.output and png.stat().st_size > 1000
+
+
+def test_lds_of_user_code_with_a_training_function(user_package, monkeypatch) -> None:
+    from etda.evaluate.lds import LDSConfig, ground_truth, lds
+    from etda.usercode import UserSetting
+
+    monkeypatch.setenv("ETDA_CACHE_DIR", str(user_package / "cache"))
+    args = ["attribute", *REFS, "--lds", "--train-fn", "mypkg.fit:train_fn", "--n-subsets", "6"]
+    result = CliRunner().invoke(app, [*args, "--json", "--no-progress"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output)["lds"]["mean"]
+    from mypkg.data import test, train
+    from mypkg.fit import train_fn
+
+    retrainer = UserSetting("ref", train_fn, train(), test())
+    gt = ground_truth(
+        retrainer,
+        LDSConfig(n_subsets=6),
+        user_package / "ref-cache",
+        executor="inprocess",
+        progress=False,
+    )
+    assert got == pytest.approx(lds(_reference(), gt).mean, abs=1e-9)
+    result = CliRunner().invoke(app, ["attribute", *REFS, "--lds"])
+    assert result.exit_code == 2 and "--train-fn" in result.output

@@ -318,6 +318,14 @@ def attribute(
         str | None,
         typer.Option("--task", help="Your task: pkg.module:name (default: from the targets)."),
     ] = None,
+    train_fn_ref: Annotated[
+        str | None,
+        typer.Option(
+            "--train-fn",
+            help="With --model and --lds: train_fn(x, y, seed) -> a trained model, retrained "
+            "on random subsets for the LDS ground truth (in this process).",
+        ),
+    ] = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print a JSON summary instead of tables.", metavar="")
     ] = False,
@@ -472,10 +480,10 @@ def attribute(
             )
         method_options = {"curvature": curvature, "fisher": fisher}
     if model_ref is not None:
-        if lds_on:
+        if lds_on and train_fn_ref is None:
             raise typer.BadParameter(
-                "the LDS of your own model needs its training function: use "
-                "etda.evaluate.lds from Python (the CLI computes it for built-in settings)",
+                "the LDS of your own model needs its training function: pass --train-fn "
+                "pkg.module:train_fn (train_fn(x, y, seed) -> model)",
                 param_hint="--lds",
             )
         set_threads(threads)
@@ -496,9 +504,22 @@ def attribute(
                 scores_out=scores_out,
                 top_k=max(top_k, 10),
             )
+            lds_info = None
+            if lds_on:
+                lds_info = _user_lds(
+                    scores,
+                    model_ref,
+                    train_fn_ref,
+                    train_ref,
+                    test_ref,
+                    task_ref,
+                    _lds_config(n_subsets, fraction, seeds_per_subset),
+                    lds_cache,
+                    progress,
+                )
         if out is not None:
             scores.save(out)
-        _print_user_summary(scores, out, top, top_k, json_out)
+        _print_user_summary(scores, out, top, top_k, json_out, lds_info)
         return
     lds_config = _lds_config(n_subsets, fraction, seeds_per_subset) if lds_on else None
     out = out or default_out_dir(setting, method, ensemble, models, members, seed)
@@ -579,10 +600,35 @@ def _attribute_user_code(
     )
 
 
-def _print_user_summary(scores, out: Path | None, top: int, top_k: int, as_json: bool) -> None:
+def _user_lds(
+    scores, model_ref, train_fn_ref, train_ref, test_ref, task_ref, config, cache, progress
+) -> dict:
+    """The LDS of scores on the user's data, retraining ``train_fn`` on random subsets."""
+    from etda.evaluate.lds import ground_truth, lds
+    from etda.usercode import UserSetting, build, load_object
+
+    task = None if task_ref is None else build(task_ref)
+    retrainer = UserSetting(
+        model_ref.replace(":", "-").replace("/", "-"),
+        load_object(train_fn_ref),
+        build(train_ref),
+        build(test_ref),
+        task,
+    )
+    gt = ground_truth(retrainer, config, cache, executor="inprocess", progress=progress)
+    result = lds(scores.values, gt)
+    info = {"mean": result.mean, "sem": result.sem, "config": config.to_dict()}
+    scores.config["lds"] = info
+    return info
+
+
+def _print_user_summary(
+    scores, out: Path | None, top: int, top_k: int, as_json: bool, lds_info: dict | None = None
+) -> None:
     from etda.usercode import dumps, summary
 
     info = summary(scores, out, top, top_k)
+    info["lds"] = lds_info
     if as_json:
         typer.echo(dumps(info))
         return
@@ -593,6 +639,8 @@ def _print_user_summary(scores, out: Path | None, top: int, top_k: int, as_json:
     )
     where = escape(str(out)) if out is not None else "not saved (pass --out DIR)"
     con.print(f"scores: {info['n_test']} test x {info['n_train']} train -> {where}")
+    if lds_info is not None:
+        con.print(f"LDS {lds_info['mean']:.3f} ± {lds_info['sem']:.3f}")
     c = scores.costs
     con.print(
         f"serve {c.serve_s:.2f} s (featurize {c.featurize_train_s + c.featurize_test_s:.2f} s, "

@@ -83,3 +83,69 @@ def summary(scores: Any, out: Path | None, top: int, top_k: int) -> dict:
 
 def dumps(summary_: dict) -> str:
     return json.dumps(summary_, indent=1)
+
+
+class UserSetting:
+    """The user's model and data as an LDS setting: ``train_fn(x, y, seed) -> model`` trains
+    a fresh model on the given examples (a subset of the training set), and the attributed
+    output is the task's on the test set. What ``etda.evaluate.lds.ground_truth`` retrains
+    (in process: the functions need not be importable by workers)."""
+
+    def __init__(self, name: str, train_fn: Any, train: Any, test: Any, task: Any = None):
+        from etda.sources import as_tensors
+        from etda.task import default_task
+
+        self.name, self.train_fn = name, train_fn
+        self.x_train, self.y_train = as_tensors(train, "train")
+        self.x_test, self.y_test = as_tensors(test, "test")
+        self.task = task or default_task(self.y_train)
+
+    def data(self) -> Any:
+        from types import SimpleNamespace
+
+        from etda.batch import n_rows
+
+        return SimpleNamespace(
+            x_train=self.x_train,
+            y_train=self.y_train,
+            x_test=self.x_test,
+            y_test=self.y_test,
+            n_train=n_rows(self.x_train),
+            n_test=n_rows(self.x_test),
+        )
+
+    def fingerprint(self) -> str:
+        from etda.features.service import fingerprint
+
+        fn = getattr(self.train_fn, "__qualname__", repr(self.train_fn))
+        return fingerprint(self.x_train, self.y_train, self.x_test, self.y_test) + f"-{fn}"
+
+    def train(self, seed: int, subset: Any = None) -> Any:
+        import time
+        from types import SimpleNamespace
+
+        import torch
+
+        from etda import batch
+
+        keep = torch.as_tensor(np.flatnonzero(subset)) if subset is not None else None
+        x = self.x_train if keep is None else batch.select(self.x_train, keep)
+        y = self.y_train if keep is None else self.y_train[keep]
+        t0 = time.perf_counter()
+        model = self.train_fn(x, y, seed)
+        return SimpleNamespace(model=model, seconds=time.perf_counter() - t0)
+
+    def output(self, model: nn.Module, x: Any, y: Any, batch_size: int = 1000) -> Any:
+        import torch
+
+        from etda import batch
+
+        model.eval()
+        outs = []
+        p = next(model.parameters())
+        with torch.no_grad():
+            for lo in range(0, batch.n_rows(x), batch_size):
+                xb = batch.cast(batch.take(x, lo, lo + batch_size), p.dtype, p.device)
+                out = batch.run_model(model, xb, self.task)
+                outs.append(self.task.output(out, y[lo : lo + batch_size].to(p.device)).cpu())
+        return torch.cat(outs).double()

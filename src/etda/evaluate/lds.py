@@ -217,6 +217,12 @@ def _retrain_job(job: tuple[str, Setting | None, str, np.ndarray, int]) -> tuple
 # ------------------------------------------------------------------------------ cache
 
 
+# What a ground truth retrains: a named Setting, or any object with these (the Retrainer
+# protocol: ``name``, ``fingerprint()``, ``data()`` with x/y_train/test and n_test,
+# ``train(seed, subset=mask) -> .model, .seconds``, ``output(model, x, y) -> (n,)``).
+RETRAINER = ("name", "fingerprint", "data", "train", "output")
+
+
 def cache_folder(
     setting: Setting, config: LDSConfig, cache_dir: str | os.PathLike | None = None
 ) -> Path:
@@ -371,10 +377,12 @@ def _collect(
 ) -> GroundTruth:
     if isinstance(setting, str):
         setting = get_setting(setting)
-    if not isinstance(setting, Setting):
+    missing = [a for a in RETRAINER if not hasattr(setting, a)]
+    if missing:
         raise TypeError(
-            f"setting must be a Setting or a registered setting name (e.g. 'fmnist-mlp'), got "
-            f"{type(setting).__name__}"
+            f"setting must be a Setting, a registered setting name (e.g. 'fmnist-mlp') or an "
+            f"object with {', '.join(RETRAINER)} (e.g. etda.usercode.UserSetting); "
+            f"{type(setting).__name__} lacks {', '.join(missing)}"
         )
     if not isinstance(config, LDSConfig):
         raise TypeError(f"config must be an LDSConfig, got {type(config).__name__}")

@@ -314,3 +314,12 @@ def test_wide_features_are_multiplied_out_in_column_blocks(monkeypatch) -> None:
     monkeypatch.setattr(scorers, "WIDE_BYTES", 8 * 66 * 5)  # 5 training columns per block
     blocked = etda.attribute(mlp(), TRAIN, TEST, **kw)
     np.testing.assert_allclose(blocked.values, one_shot.values, rtol=1e-12, atol=1e-15)
+
+
+def test_worker_processes_precondition_like_the_driver(tmp_path) -> None:
+    kw = dict(method="if", curvature="ekfac", dtype="float64")
+    here = etda.attribute(mlp(), TRAIN, TEST, **kw)
+    workers = etda.attribute(
+        mlp(), TRAIN, TEST, executor="process", workers=2, store=tmp_path, **kw
+    )
+    np.testing.assert_allclose(workers.values, here.values, rtol=1e-10, atol=1e-13)

@@ -51,6 +51,7 @@ class ShardJob:
     widths: dict[str, int]
     storage: str
     what: str
+    curvature: Any = None  # the member's fitted Preconditioner (K-FAC/EK-FAC), if any
 
 
 def featurize_shard(job: ShardJob) -> list[tuple[int, int, str]]:
@@ -58,7 +59,9 @@ def featurize_shard(job: ShardJob) -> list[tuple[int, int, str]]:
     torch.set_num_threads(1)  # results must not depend on the worker's thread count
     model = job.model
     x, y = _tensor(resolve(job.x)), _tensor(resolve(job.y))
-    fz = Featurizer(model, job.task, job.params, job.spec, job.probe, job.use_hooks)
+    fz = Featurizer(
+        model, job.task, job.params, job.spec, job.probe, job.use_hooks, curvature=job.curvature
+    )
     st = SplitStore(job.folder, job.n, job.widths, job.dtype, job.storage)
     done = []
     for lo, hi in job.ranges:
@@ -160,6 +163,7 @@ def featurize_parallel(
                             st.widths,
                             st.storage,
                             f"{req.tag} {name}",
+                            fz.curvature,
                         )
                     )
                     stores.append(st)

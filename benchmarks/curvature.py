@@ -29,6 +29,16 @@ CONFIGS: dict[str, tuple[str, str, int, int | None, dict]] = {
     "if-kfac-1": ("if", "none", 1, None, {"curvature": "kfac"}),
     "if-ekfac-1": ("if", "none", 1, None, {"curvature": "ekfac"}),
     "if-ekfac-empirical-1": ("if", "none", 1, None, {"curvature": "ekfac", "fisher": "empirical"}),
+    "if-gram-output-1": ("if", "none", 1, None, {"measure": "output"}),
+    "if-ekfac-output-1": ("if", "none", 1, None, {"curvature": "ekfac", "measure": "output"}),
+    "if-ekfac-empirical-output-1": (
+        "if",
+        "none",
+        1,
+        None,
+        {"curvature": "ekfac", "fisher": "empirical", "measure": "output"},
+    ),
+    "if-gram-output-ckpt5": ("if", "checkpoints", 1, 5, {"measure": "output"}),
     "if-ekfac-2GB-1": ("if", "none", 1, None, {"curvature": "ekfac", "budget": "2GB"}),
     "if-ekfac-sketch-1": (
         "if",
@@ -113,7 +123,14 @@ def table(rows: list[dict], setting: str, meta: dict) -> str:
         f"configuration per process, 2 torch threads; load average before the run "
         f"{meta['load_before']}. LDS over the setting's 50 retrained half subsets "
         "(test-margin ground truth). Wall seconds = the attribution (serving) only; the "
-        "models come from the cache (their training seconds are in `train s`).",
+        "models come from the cache (their training seconds are in `train s`)."
+        + (
+            " Rows merged from runs started "
+            + ", ".join(m["date"] for m in meta["earlier_runs"])
+            + f" and {meta['date']} (`--only` reruns), on the same models and ground truth."
+            if meta.get("earlier_runs")
+            else ""
+        ),
         "",
         "| configuration | LDS ± s.e. | serve s | train s | peak RSS MB | features |",
         "|---|---|---|---|---|---|",

@@ -323,3 +323,31 @@ def test_worker_processes_precondition_like_the_driver(tmp_path) -> None:
         mlp(), TRAIN, TEST, executor="process", workers=2, store=tmp_path, **kw
     )
     np.testing.assert_allclose(workers.values, here.values, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("curvature", ["gram", "ekfac"])
+def test_measure_output_is_the_influence_on_the_test_output(curvature) -> None:
+    """``measure="output"``: -g_f(test)^T (H + lam)^-1 g_L(train), positive = raises the test
+    margin; against the dense inverse on one training example (where both curvatures are
+    exact)."""
+    model = nn.Linear(4, 3).to(D64).eval()
+    x, y = data(1, 5)[0][:, :4], torch.tensor([1])
+    xt, yt = data(4, 6)[0][:, :4], torch.tensor([0, 2, 1, 0])
+    kw = dict(method="if", damping=0.05, dtype="float64", seed=11, measure="output")
+    if curvature == "ekfac":
+        kw |= {"curvature": "ekfac", "fisher": "empirical"}
+    scores = etda.attribute(model, (x, y), (xt, yt), **kw)
+    g_tr = per_example_gradient(model, x[0], y[0])
+    # one example: the empirical Fisher (EK-FAC, exact here) and the Gram curvature
+    # Phi^T Phi / n are both g g^T
+    h = torch.outer(g_tr, g_tr)
+    inv = torch.linalg.inv(h + 0.05 * torch.eye(g_tr.numel(), dtype=D64))
+
+    def output_gradient(xi, yi):
+        model.zero_grad()
+        ClassificationTask().output(model(xi[None]), yi[None]).sum().backward()
+        return torch.cat([model.weight.grad, model.bias.grad[:, None]], 1).reshape(-1)
+
+    ref = torch.stack([-output_gradient(xt[i], yt[i]) @ inv @ g_tr for i in range(4)])
+    np.testing.assert_allclose(scores.values[:, 0], ref.numpy(), rtol=1e-8, atol=1e-12)
+    assert scores.config["method_options"]["measure"] == "output"

@@ -158,6 +158,7 @@ def resolve(
             lambda: batch.run_model(probe_model, _first(x_train, 1, probe_model), task)
         ),
         curvature=method.curvature(config.seed),
+        test_target=method.test_target,
     )
     return RunPlan(
         config,

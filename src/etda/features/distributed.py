@@ -134,8 +134,8 @@ def featurize_parallel(
             if req.tag in seen:
                 continue
             seen.add(req.tag)
-            fz, meta = service.featurizer(req)
             for name in splits:
+                fz, meta = service.featurizer(req, name)
                 split = service.split(name)
                 st = service.open(fz, meta, req.tag, split)
                 ranges = list(st.missing(service.chunk_size))

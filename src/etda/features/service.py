@@ -143,6 +143,7 @@ class FeatureService:
         progress: bool = False,
         fwd_flops: float = 0.0,
         curvature: CurvatureSpec | None = None,
+        test_target: str | None = None,
     ) -> None:
         self.task, self.train, self.test, self.store = task, train, test, store
         self.projection, self.proj_dim, self.target = projection, proj_dim, target
@@ -150,14 +151,18 @@ class FeatureService:
         self.chunk_size, self.storage, self.params = chunk_size, storage, params
         self.use_hooks, self.progress, self.fwd_flops = use_hooks, progress, fwd_flops
         self.curvature = curvature
+        self.test_target = test_target or target  # the test side's scalar (IF measure=)
+        self._preconditioners: dict[tuple[str, str], Any] = {}
 
-    def spec(self, seed: int) -> FeatureSpec:
-        return FeatureSpec(self.projection, self.proj_dim, seed, self.target, self.dtype)
+    def spec(self, seed: int, split: str = "train") -> FeatureSpec:
+        target = self.test_target if split == "test" else self.target
+        return FeatureSpec(self.projection, self.proj_dim, seed, target, self.dtype)
 
-    def featurizer(self, req: FeatureRequest) -> tuple[Featurizer, dict]:
-        """The member's featurizer and the metadata its stores are validated against."""
+    def featurizer(self, req: FeatureRequest, split: str = "train") -> tuple[Featurizer, dict]:
+        """The member's featurizer of ``split`` and the metadata its stores are validated
+        against (the test side may differentiate another scalar: ``test_target``)."""
         params = select_parameters(req.model, self.params if req.params == "all" else req.params)
-        spec = self.spec(req.seed)
+        spec = self.spec(req.seed, split)
         probe = (self.train.x, self.train.y)
         meta = {
             "etda_version": __version__,
@@ -170,7 +175,10 @@ class FeatureService:
         pre = None
         if self.curvature is not None:
             meta["curvature"] = self.curvature.to_dict()
-            pre = self.preconditioner(req, params, meta)
+            key = (req.tag, meta["weights"])
+            if key not in self._preconditioners:  # one fit per member, for both splits
+                self._preconditioners[key] = self.preconditioner(req, params, meta)
+            pre = self._preconditioners[key]
         fz = Featurizer(
             req.model, self.task, params, spec, probe, use_hooks=self.use_hooks, curvature=pre
         )
@@ -265,12 +273,13 @@ class FeatureService:
         features (in memory, or streamed ``stream_block`` rows at a time from the store) and
         the test features (None when ``splits`` leaves the test set out)."""
         with timer(costs, "featurize_train_s"):  # a curvature is fitted here
-            fz, meta = self.featurizer(req)
+            train_fz, _ = self.featurizer(req)
         views: dict[str, Any] = {}
         n = 0
         for name in splits:
             split = self.split(name)
             with timer(costs, f"featurize_{name}_s"):
+                fz, meta = self.featurizer(req, name)
                 st = self.open(fz, meta, req.tag, split)
                 self.fill(st, fz, req.model, split, f"{req.tag} {name}")
                 streamed = name == "train" and stream_block is not None
@@ -280,7 +289,7 @@ class FeatureService:
             costs.feature_bytes += st.feature_nbytes()
             n += split.n
         costs.flops += 3 * self.fwd_flops * n
-        return views["train"], views.get("test"), fz
+        return views["train"], views.get("test"), train_fz
 
     def q_term(self, model: nn.Module) -> Tensor:
         """TRAK's Q of the training set under ``model`` (forward passes only), float64."""

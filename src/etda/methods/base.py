@@ -180,6 +180,12 @@ class Method(ABC):
         itself and takes the diagonal)."""
         return None
 
+    @property
+    def test_target(self) -> str | None:
+        """The scalar differentiated on the *test* side when it differs from ``target``
+        (e.g. IF measuring the test output while training by the loss); None: the same."""
+        return None
+
     def curvature(self, seed: int) -> CurvatureSpec | None:
         """The curvature the featurizer must precondition gradients with (None: none)."""
         return None

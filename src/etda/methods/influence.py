@@ -49,7 +49,11 @@ class InfluenceFunction(Method):
         form: str = "auto",
         curvature: str = "gram",
         fisher: str = "sampled",
+        measure: str = "loss",
     ) -> None:
+        if measure not in ("loss", "output"):
+            raise ValueError(f"measure must be 'loss' or 'output', got {measure!r}")
+        self.measure = measure
         if solver not in ("eigen", "cg"):
             raise ValueError(f"solver must be 'eigen' or 'cg', got {solver!r}")
         if curvature not in ("gram", *CURVATURES):
@@ -70,7 +74,22 @@ class InfluenceFunction(Method):
         opts = {"damping": self.damping, "solver": self.solver, "form": self.form}
         if self.curvature_kind != "gram":
             opts |= {"curvature": self.curvature_kind, "fisher": self.fisher}
+        if self.measure != "loss":
+            opts["measure"] = self.measure
         return opts
+
+    @property
+    def test_target(self) -> str | None:
+        # measure="output": the influence on the test output (TRAK's margin / log-likelihood,
+        # what LDS ground truths record) instead of the test loss
+        return "output" if self.measure == "output" else None
+
+    def _signed(self, f: MemberFactors) -> MemberFactors:
+        """Positive = helps: upweighting a training example lowers the test loss by
+        ``g_L^T H^-1 g_i`` but raises the test output by ``-g_f^T H^-1 g_i``."""
+        if self.measure == "output":
+            f.left = -f.left
+        return f
 
     def _spec(self, seed: int, damping: float | str) -> CurvatureSpec:
         if isinstance(damping, str) and damping != "auto" and not damping.startswith("trace:"):
@@ -108,7 +127,7 @@ class InfluenceFunction(Method):
 
     @property
     def has_diagonal(self) -> bool:
-        return self.solver == "eigen"
+        return self.solver == "eigen" and self.measure == "loss"
 
     def _system(self, train: TrainFeatures):
         system = DampedSystem(train, self.form)
@@ -122,12 +141,13 @@ class InfluenceFunction(Method):
         if self.curvature_kind != "gram":  # features are preconditioned: dot products
             info = {"curvature": ctx.curvature_info}
             if train.explicit_width is not None:
-                return MemberFactors(test.rows(0, test.n), "feature", info=info)
-            return MemberFactors(train.inner(test), "sample", info=info)
+                return self._signed(MemberFactors(test.rows(0, test.n), "feature", info=info))
+            return self._signed(MemberFactors(train.inner(test), "sample", info=info))
         if self.solver == "cg":
-            return self._cg(train, test, ctx)
+            return self._signed(self._cg(train, test, ctx))
         system, d, info = self._system(train)
-        return MemberFactors(system.left(test, d.lam, scale=system.n), system.form, info=info)
+        left = system.left(test, d.lam, scale=system.n)
+        return self._signed(MemberFactors(left, system.form, info=info))
 
     def diagonal(self, train: TrainFeatures, ctx: MemberContext) -> Diagonal | None:
         if self.curvature_kind != "gram":

@@ -30,3 +30,11 @@ def test_proponents_matter_more_than_random_examples(tmp_path) -> None:
     trak, rand = out["methods"]["trak"]["60"], out["methods"]["random"]["60"]
     assert trak["margin_drop"] > rand["margin_drop"] + 1.0
     assert 0.0 <= trak["flip_rate"] <= 1.0
+
+
+def test_removing_nothing_reproduces_the_base_model_bit_for_bit() -> None:
+    setting = get_setting("digits-logreg")
+    n = setting.data().n_train
+    scores = np.random.default_rng(0).normal(size=(3, n))
+    out = removal_effects(setting, {"any": scores}, [0, 1], [0], seeds=[0])
+    assert out["methods"]["any"]["0"] == {"flip_rate": 0.0, "margin_drop": 0.0}

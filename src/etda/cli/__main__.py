@@ -1,0 +1,5 @@
+"""``python -m etda.cli``."""
+
+from etda.cli import main
+
+main()

@@ -1,0 +1,140 @@
+"""`etda plan`: the best expected LDS within train/serve/space budgets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from etda.cli._app import (
+    MethodOpt,
+    SettingOpt,
+    _out,
+    _user_errors,
+    app,
+)
+from etda.io import fmt_seconds, human_bytes, parse_seconds, parse_size
+
+# -------------------------------------------------------------------------------- plan
+# Also a self-contained addition: the budget planner over saved benchmark results.
+
+
+def _budget_cb(parse: Callable[[str], float]) -> Callable[[str | None], str | None]:
+    """A callback that rejects a budget string ``parse`` cannot read (the value stays a
+    string; the command parses it)."""
+
+    def check(value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse(value)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc)) from None
+        return value
+
+    return check
+
+
+@app.command()
+def plan(
+    setting: SettingOpt = "fmnist-mlp",
+    budget_train: Annotated[
+        str | None,
+        typer.Option(
+            callback=_budget_cb(parse_seconds),
+            help="Training-time budget: 60s, 90 (seconds), 5m, 1.5h (default: none).",
+        ),
+    ] = None,
+    budget_serve: Annotated[
+        str | None,
+        typer.Option(
+            callback=_budget_cb(parse_seconds),
+            help="Serving-time budget (featurize + score): 30s, 5m, ... (default: none).",
+        ),
+    ] = None,
+    budget_bytes: Annotated[
+        str | None,
+        typer.Option(
+            callback=_budget_cb(parse_size),
+            help="Space budget: 500MB, 2GB, 800KB, 1e9 (bytes; KB = 1024 B as in the "
+            "reports) (default: none).",
+        ),
+    ] = None,
+    method: MethodOpt = "trak",
+    results: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--results",
+            help="results.json files or folders (repeatable; default benchmarks/results/"
+            "<setting> and <setting>-quick; the first listed wins a collision).",
+        ),
+    ] = None,
+    top: Annotated[int, typer.Option(min=1, help="Feasible candidates shown.")] = 10,
+    show_all: Annotated[
+        bool,
+        typer.Option(
+            "--all/--pareto",
+            help="Show every feasible candidate, or only those no other one beats on LDS "
+            "and every cost (default).",
+            metavar="",
+        ),
+    ] = False,
+) -> None:
+    """Recommend the ensemble (kind, K, M, proj_dim) with the best expected LDS within
+    training, serving and space budgets, from saved benchmark results (measured) and
+    per-family fits of them (predicted), and explain why."""
+    from etda import plan as planner
+
+    con = _out()
+    with _user_errors():
+        p = planner.plan(
+            setting,
+            budget_train=None if budget_train is None else parse_seconds(budget_train),
+            budget_serve=None if budget_serve is None else parse_seconds(budget_serve),
+            budget_bytes=None if budget_bytes is None else parse_size(budget_bytes),
+            method=method,
+            results=results,
+        )
+    shown = p.feasible if show_all else p.pareto()
+    hidden = "" if show_all else f", {len(p.feasible) - len(shown)} dominated hidden"
+    table = Table(
+        title=f"{escape(setting)} / {escape(method)}: {len(p.feasible)} of "
+        f"{len(p.candidates)} candidates within {escape(p.budgets.describe())} (top {top}"
+        f"{hidden})",
+        title_justify="left",
+        header_style="bold",
+    )
+    for col, just in (
+        ("#", "right"),
+        ("configuration", "left"),
+        ("K", "right"),
+        ("M", "right"),
+        ("proj_dim", "left"),
+        ("LDS ± s.e.", "right"),
+        ("figures", "left"),
+        ("train", "right"),
+        ("serve", "right"),
+        ("space", "right"),
+    ):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for i, c in enumerate(shown[:top], 1):
+        table.add_row(
+            str(i),
+            escape(c.label),
+            str(c.models),
+            str(c.members),
+            escape(c.features),
+            f"{c.lds:.4f} ± {c.sem:.4f}",
+            c.kind,
+            fmt_seconds(c.train_s),
+            fmt_seconds(c.serve_s),
+            human_bytes(c.bytes),
+            style="bold green" if i == 1 else None,
+        )
+    con.print(table)
+    rec = p.recommendation
+    con.print(f"[bold]recommendation:[/bold] {escape(rec.headline())}")
+    con.print(escape(p.explain()), soft_wrap=True)

@@ -363,3 +363,22 @@ def test_a_dataset_of_dict_items_with_different_shapes() -> None:
 
     s = etda.attribute(Two(), Items(), Items(), method="graddot", dtype="float64")
     assert s.values.shape == (8, 8) and np.isfinite(s.values).all()
+
+
+def test_dict_inputs_on_worker_processes(tmp_path) -> None:
+    (x, y), (xt, yt) = data(20, 1), data(5, 2)
+    wrapped = DictModel(mlp())
+    train = ({"features": x, "scale": torch.ones(20, dtype=D64)}, y)
+    test = ({"features": xt, "scale": torch.ones(5, dtype=D64)}, yt)
+    here = etda.attribute(wrapped, train, test, method="trak", dtype="float64")
+    workers = etda.attribute(
+        wrapped,
+        train,
+        test,
+        method="trak",
+        dtype="float64",
+        executor="process",
+        workers=2,
+        store=tmp_path,
+    )
+    np.testing.assert_allclose(workers.values, here.values, rtol=1e-10, atol=1e-13)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from etda import batch
 from etda.cost import Costs, timer
 from etda.features.featurize import FeatureSpec, Featurizer
 from etda.features.service import FeatureRequest, FeatureService, compute_rows
@@ -82,7 +83,9 @@ def featurize_shard(job: ShardJob) -> list[tuple[int, int, str]]:
     return done
 
 
-def _tensor(a: Any) -> Tensor:
+def _tensor(a: Any) -> Any:
+    if isinstance(a, dict):  # dict inputs travel as slices of tensors
+        return {k: _tensor(v) for k, v in a.items()}
     if isinstance(a, Tensor):
         return a
     with warnings.catch_warnings():  # a zero-copy, read-only array: featurizing only reads it
@@ -126,7 +129,10 @@ def featurize_parallel(
         # shared lazily, so a complete store starts no workers at all.
         shared: dict[str, tuple] = {}
         # A copy: a view would drag its whole storage (the training set) into every pickle.
-        probe = (service.train.x[:1].clone(), service.train.y[:1].clone())
+        probe = (
+            batch.apply(batch.take(service.train.x, 0, 1), lambda t: t.clone()),
+            service.train.y[:1].clone(),
+        )
         jobs: list[ShardJob] = []
         stores: list[SplitStore] = []
         seen: set[str] = set()
@@ -143,9 +149,17 @@ def featurize_parallel(
                 for shard in _shards(ranges, count):
                     lo, hi = shard[0][0], shard[-1][1]
                     if name not in shared:
-                        shared[name] = (ex.share(split.x.numpy()), ex.share(split.y.numpy()))
+                        shared[name] = (
+                            (None, None)  # dict inputs: slices per job
+                            if batch.is_dict(split.x)
+                            else (ex.share(split.x.numpy()), ex.share(split.y.numpy()))
+                        )
                     sx, sy = shared[name]
-                    data = (sx, sy, 0) if sx is not None else (split.x[lo:hi], split.y[lo:hi], lo)
+                    data = (
+                        (sx, sy, 0)
+                        if sx is not None
+                        else (batch.take(split.x, lo, hi), split.y[lo:hi], lo)
+                    )
                     jobs.append(
                         ShardJob(
                             req.model,

@@ -38,3 +38,20 @@ def test_removing_nothing_reproduces_the_base_model_bit_for_bit() -> None:
     scores = np.random.default_rng(0).normal(size=(3, n))
     out = removal_effects(setting, {"any": scores}, [0, 1], [0], seeds=[0])
     assert out["methods"]["any"]["0"] == {"flip_rate": 0.0, "margin_drop": 0.0}
+
+
+def test_cleaning_removes_flipped_labels_first() -> None:
+    from etda.evaluate.counterfactual import cleaning_effects
+    from etda.evaluate.mislabel import flip_labels, noisy_setting
+
+    base = get_setting("digits-logreg")
+    noisy = noisy_setting(base, 0.2, 0)
+    _, flipped = flip_labels(base.data().y_train, 0.2, base.data().num_classes, 0)
+    oracle = flipped.numpy().astype(float)  # the flips ranked first
+    test = np.arange(base.data().n_test)
+    out = cleaning_effects(noisy, {"oracle": oracle, "random": None}, [0.0, 0.2], test, [0])
+    m = out["methods"]
+    assert m["oracle"]["0"] == m["none"]["0"]  # removing nothing: the base model exactly
+    # regression guard (measured: accuracy 0.955 removing the flips, 0.910 at random, 0.930
+    # removing nothing): removing the 20 % flips beats removing 20 % at random
+    assert m["oracle"]["0.2"]["accuracy"] > m["random"]["0.2"]["accuracy"] + 0.02

@@ -82,3 +82,50 @@ def removal_effects(
         "seeds": list(seeds),
         "methods": result,
     }
+
+
+# ------------------------------------------------------------------------ data cleaning
+
+
+def cleaning_effects(
+    setting: Any,
+    rankings: dict[str, np.ndarray | None],
+    fractions: Sequence[float],
+    test_index: np.ndarray,
+    seeds: Sequence[int] = (0, 1),
+) -> dict:
+    """Remove the top ``fraction`` of training examples by each ranking (``(n_train,)``,
+    higher = remove first; ``None``: random), retrain with ``seeds`` and report the accuracy
+    and mean loss on the test examples ``test_index`` (held out from whatever produced the
+    rankings), beside the same seeds on the full training set."""
+    data = setting.data()
+    n = data.n_train
+    x_t, y_t = data.x_test[test_index], data.y_test[test_index]
+
+    def evaluate(seed: int, keep: np.ndarray | None) -> tuple[float, float]:
+        with torch_threads(1):
+            model = setting.train(seed, subset=keep).model.eval()
+            with torch.no_grad():
+                out = model(x_t)
+            loss = torch.nn.functional.cross_entropy(out, y_t)
+        return float((out.argmax(-1) == y_t).double().mean()), float(loss)
+
+    base = [evaluate(s, None) for s in seeds]
+    result = {"none": {"0": _mean(base)}}
+    for name, rank in rankings.items():
+        per = {}
+        for f in fractions:
+            k = int(round(f * n))
+            if rank is None:
+                removed = np.random.Generator(np.random.PCG64([17, k])).choice(n, k, replace=False)
+            else:
+                removed = np.argsort(-np.asarray(rank, np.float64), kind="stable")[:k]
+            keep = np.setdiff1d(np.arange(n), removed)
+            per[f"{f:g}"] = _mean([evaluate(s, keep) for s in seeds])
+        result[name] = per
+    return {"fractions": list(fractions), "seeds": list(seeds), "methods": result}
+
+
+def _mean(runs: list[tuple[float, float]]) -> dict:
+    acc, loss = zip(*runs, strict=True)
+    return {"accuracy": float(np.mean(acc)), "loss": float(np.mean(loss))}

@@ -107,9 +107,6 @@ class ClassificationTask:
         y = self._hard(y)
         return 1.0 - torch.softmax(out, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
-    def scalar(self, target: Target, out: Tensor, y: Tensor) -> Tensor:
-        return scalar(self, target, out, y)
-
     def sample(self, out: Tensor, u: Tensor) -> Tensor:
         """Labels drawn from the model's predictive distribution by inverse CDF at the uniform
         draws ``u`` (one per label): the targets of the true (sampled) Fisher."""
@@ -159,9 +156,6 @@ class SequenceTask:
         logp, keep = self._token_logp(out, y)
         return 1.0 - (logp.sum(-1) / keep.sum(-1).clamp_min(1)).exp()
 
-    def scalar(self, target: Target, out: Tensor, y: Tensor) -> Tensor:
-        return scalar(self, target, out, y)
-
     def sample(self, out: Tensor, u: Tensor) -> Tensor:
         """Next tokens drawn from the model at the uniforms ``u (B, T)``."""
         return _inverse_cdf(out, u)
@@ -208,9 +202,6 @@ class RegressionTask:
     def q(self, out: Tensor, y: Tensor) -> Tensor:
         return out.new_ones(out.shape[0])
 
-    def scalar(self, target: Target, out: Tensor, y: Tensor) -> Tensor:
-        return scalar(self, target, out, y)
-
 
 class FunctionTask:
     """A task from functions: ``loss(out, y) -> (B,)`` and ``output(out, y) -> (B,)`` (default:
@@ -247,9 +238,6 @@ class FunctionTask:
         if self._check is not None:
             self._check(out, y)
         self.loss(out, y)  # the loss must give one value per example
-
-    def scalar(self, target: Target, out: Tensor, y: Tensor) -> Tensor:
-        return scalar(self, target, out, y)
 
 
 def make_task(

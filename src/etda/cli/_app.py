@@ -192,6 +192,11 @@ ModelsOpt = Annotated[
     int,
     typer.Option("--models", "-K", callback=_positive_cb, help="Independently trained models (K)."),
 ]
+RankOpt = Annotated[int | None, typer.Option(callback=_positive_cb, help="LoRA rank (default 8).")]
+LoraEpochsOpt = Annotated[
+    int | None,
+    typer.Option(callback=_positive_cb, help="LoRA fine-tuning epochs per adapter (default 2)."),
+]
 ThreadsOpt = Annotated[
     int | None,
     typer.Option(callback=_positive_cb, help="Torch threads (default: torch's choice)."),

@@ -15,11 +15,13 @@ from etda.cli._app import (
     ExecutorOpt,
     FractionOpt,
     LdsCacheOpt,
+    LoraEpochsOpt,
     MethodOpt,
     ModelDirOpt,
     ModelsOpt,
     NSubsetsOpt,
     ProgressOpt,
+    RankOpt,
     SeedsPerSubsetOpt,
     SettingOpt,
     ThreadsOpt,
@@ -113,15 +115,8 @@ def attribute(
             + ".",
         ),
     ] = None,
-    rank: Annotated[
-        int | None, typer.Option(callback=_positive_cb, help="LoRA rank (default 8).")
-    ] = None,
-    lora_epochs: Annotated[
-        int | None,
-        typer.Option(
-            callback=_positive_cb, help="LoRA fine-tuning epochs per adapter (default 2)."
-        ),
-    ] = None,
+    rank: RankOpt = None,
+    lora_epochs: LoraEpochsOpt = None,
     p: Annotated[
         float | None,
         typer.Option("--p", help="Dropout-ensemble rate override (default: the model's rate)."),

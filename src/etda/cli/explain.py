@@ -9,10 +9,12 @@ import typer
 
 from etda.cli._app import (
     EnsembleOpt,
+    LoraEpochsOpt,
     MethodOpt,
     ModelDirOpt,
     ModelsOpt,
     ProgressOpt,
+    RankOpt,
     SettingOpt,
     ThreadsOpt,
     _damping_cb,
@@ -92,15 +94,8 @@ def explain(
         typer.Option(callback=_damping_cb, help="TRAK/IF damping: auto | gcv | FLOAT | trace:C."),
     ] = None,
     p: Annotated[float | None, typer.Option("--p", help="Dropout-ensemble rate override.")] = None,
-    rank: Annotated[
-        int | None, typer.Option(callback=_positive_cb, help="LoRA rank (default 8).")
-    ] = None,
-    lora_epochs: Annotated[
-        int | None,
-        typer.Option(
-            callback=_positive_cb, help="LoRA fine-tuning epochs per adapter (default 2)."
-        ),
-    ] = None,
+    rank: RankOpt = None,
+    lora_epochs: LoraEpochsOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of projections, masks, adapters, sampling.")] = 0,
     png: Annotated[
         Path | None,

@@ -14,12 +14,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from etda import batch
 from etda._version import __version__
 from etda.cost import Costs, timer, weights_bytes
 from etda.engine.resolve import RunPlan
 from etda.ensemble.base import Member
 from etda.features.distributed import featurize_parallel
-from etda.features.service import FeatureRequest, cast_inputs, load_checkpoint, member_tag
+from etda.features.service import FeatureRequest, load_checkpoint, member_tag
 from etda.io import bar_off
 from etda.methods.base import MemberContext
 from etda.scores import Scores
@@ -141,9 +142,9 @@ def _factor_unit(plan: RunPlan, req: FeatureRequest, weight: float, costs: Costs
         req.model,
         plan.task,
         fz.params,
-        (cast_inputs(plan.train.x, dtype), plan.train.y),
+        (batch.cast(plan.train.x, dtype), plan.train.y),
         fz,
-        (cast_inputs(plan.test.x, dtype), plan.test.y),
+        (batch.cast(plan.test.x, dtype), plan.test.y),
     )
     with timer(costs, "score_s"):
         if plan.mode == "self":

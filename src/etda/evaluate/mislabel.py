@@ -283,7 +283,9 @@ def run_mislabel(
     t0 = time.perf_counter()
     # every checkpoint the training-dynamics detectors read, trained (or loaded) once
     dyn_epochs = checkpoint_schedule(noisy.recipe.epochs, DYNAMICS_CHECKPOINTS)
-    trained_models(noisy, k_models, model_dir, checkpoint_epochs=dyn_epochs, progress=progress)
+    dyn_models = trained_models(
+        noisy, k_models, model_dir, checkpoint_epochs=dyn_epochs, progress=progress
+    )
     tms, attr_models, checkpoint_kw = prepare_models(
         noisy, method_obj, ens, k_models, n_ckpt, model_dir, progress=progress
     )
@@ -322,7 +324,7 @@ def run_mislabel(
         "model_dropout": noisy.model_kwargs.get("dropout"),
         "self_influence": detection_report(si, flipped),
         "loss": detection_report(loss, flipped),
-        **_dynamics_reports(noisy, k_models, model_dir, dyn_epochs, x, y, si, flipped),
+        **_dynamics_reports(noisy, dyn_models, dyn_epochs, x, y, si, flipped),
         "random": detection_report(random_ranking(flipped.size, seed), flipped),
         "memorized": float(fits_noisy[flipped].mean()),
         "clean_train_accuracy": float(fits_noisy[~flipped].mean()),
@@ -336,8 +338,7 @@ def run_mislabel(
 
 def _dynamics_reports(
     noisy: Any,
-    k_models: int,
-    model_dir: str,
+    tms: list,
     epochs: list[int],
     x: Tensor,
     y: Tensor,
@@ -349,9 +350,7 @@ def _dynamics_reports(
     with self-influence."""
     from etda.detect import aum_scores, fuse, loss_scores
     from etda.experiment import checkpoint_models
-    from etda.zoo import trained_models
 
-    tms = trained_models(noisy, k_models, model_dir, checkpoint_epochs=epochs, progress=False)
     ckpts = checkpoint_models(noisy, tms)
     loss_ckpt = loss_scores(ckpts, x, y)
     return {

@@ -147,7 +147,8 @@ def capture(
     layers: list[Layer],
     rest: list[str],
 ) -> Captured:
-    """Per-example gradient pieces of ``task.scalar(target)`` for a chunk ``x (B, ...)``."""
+    """Per-example gradient pieces of ``etda.task.scalar(task, target)`` for a chunk
+    ``x (B, ...)``."""
     records: dict[int, list[tuple[Tensor, Tensor]]] = {j: [] for j in range(len(layers))}
     handles = []
     for j, layer in enumerate(layers):

@@ -64,12 +64,6 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:24]
 
 
-def cast_inputs(x: batch.Inputs, dtype: torch.dtype) -> batch.Inputs:
-    """Floating inputs follow the model's dtype; integer inputs (tokens) stay as they are;
-    both go to the model's device (features come back to the host for the store)."""
-    return batch.cast(x, dtype)
-
-
 def compute_rows(
     model: nn.Module,
     fz: Featurizer,
@@ -273,13 +267,13 @@ class FeatureService:
         features (in memory, or streamed ``stream_block`` rows at a time from the store) and
         the test features (None when ``splits`` leaves the test set out)."""
         with timer(costs, "featurize_train_s"):  # a curvature is fitted here
-            train_fz, _ = self.featurizer(req)
+            train = self.featurizer(req)
         views: dict[str, Any] = {}
         n = 0
         for name in splits:
             split = self.split(name)
             with timer(costs, f"featurize_{name}_s"):
-                fz, meta = self.featurizer(req, name)
+                fz, meta = train if name == "train" else self.featurizer(req, name)
                 st = self.open(fz, meta, req.tag, split)
                 self.fill(st, fz, req.model, split, f"{req.tag} {name}")
                 streamed = name == "train" and stream_block is not None
@@ -289,7 +283,7 @@ class FeatureService:
             costs.feature_bytes += st.feature_nbytes()
             n += split.n
         costs.flops += 3 * self.fwd_flops * n
-        return views["train"], views.get("test"), train_fz
+        return views["train"], views.get("test"), train[0]
 
     def q_term(self, model: nn.Module) -> Tensor:
         """TRAK's Q of the training set under ``model`` (forward passes only), float64."""

@@ -242,3 +242,45 @@ def test_lds_of_user_code_with_a_training_function(user_package, monkeypatch) ->
     assert got == pytest.approx(lds(_reference(), gt).mean, abs=1e-9)
     result = CliRunner().invoke(app, ["attribute", *REFS, "--lds"])
     assert result.exit_code == 2 and "--train-fn" in result.output
+
+
+def test_counterfactual_and_clean_of_user_code_equal_the_python_api(
+    user_package, monkeypatch
+) -> None:
+    from etda.evaluate.counterfactual import cleaning_effects, counterfactual, harm_ranking
+    from etda.usercode import UserSetting
+
+    monkeypatch.setenv("ETDA_CACHE_DIR", str(user_package / "cache"))
+    user = [*REFS, "--train-fn", "mypkg.fit:train_fn", "--seeds", "1", "--json", "--no-progress"]
+    args = ["counterfactual", *user, "-m", "trak", "--tests", "3", "--percent", "10,30"]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output)
+    from mypkg.data import test, train
+    from mypkg.fit import train_fn
+
+    retrainer = UserSetting("ref", train_fn, train(), test())
+    scores = {"trak": _reference()}
+    want = counterfactual(retrainer, scores, 3, (10, 30), (0,), cache_dir=user_package / "ref")
+    assert got["methods"] == want["methods"] and got["ks"] == [3, 9]
+    assert set(got["methods"]) == {"trak", "random", "nearest neighbours"}
+    # a rerun reads every retrained model from the cache
+    again = json.loads(CliRunner().invoke(app, args, catch_exceptions=False).output)
+    assert again["methods"] == got["methods"] and again["costs"]["trained"] == 0
+
+    args = ["clean", *user, "--percent", "10"]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output)["methods"]
+    assert set(got) == {"none", "if harm", "random", "training loss"}
+    want = cleaning_effects(
+        retrainer,
+        {"if harm": harm_ranking(_reference("if"), np.arange(0, 5, 2))},
+        [0.1],
+        np.arange(1, 5, 2),
+        (0,),
+        cache_dir=user_package / "ref",
+    )["methods"]
+    assert got["if harm"] == want["if harm"] and got["none"] == want["none"]
+    result = CliRunner().invoke(app, ["counterfactual", *REFS])
+    assert result.exit_code == 2 and "--train-fn" in result.output

@@ -7,7 +7,7 @@ import sys
 
 # isort: off
 from etda.cli._app import app
-from etda.cli import attribute, experiments, mislabel, bench, explain, plan  # noqa: F401
+from etda.cli import attribute, experiments, mislabel, downstream, bench, explain, plan  # noqa: F401,E501
 
 # isort: on
 

@@ -254,7 +254,8 @@ def run_mislabel(
     ``lora_epochs``); ``dropout``/``epochs``: see :func:`noisy_setting`; ``options``: method
     and attribution options (``damping``, ``proj_dim``, ...).
 
-    Returns a JSON-ready dict: ``self_influence``, ``loss`` and ``random`` detection reports
+    Returns a JSON-ready dict: ``self_influence``, ``loss``, ``loss_normalized``
+    (self-influence / loss), the checkpoint detectors and ``random`` detection reports
     (:func:`detection_report`), ``memorized`` (fraction of flips whose noisy label the model
     predicts), test accuracy, costs and the chosen configuration.
     """
@@ -324,6 +325,7 @@ def run_mislabel(
         "model_dropout": noisy.model_kwargs.get("dropout"),
         "self_influence": detection_report(si, flipped),
         "loss": detection_report(loss, flipped),
+        "loss_normalized": detection_report(si / np.maximum(loss, 1e-12), flipped),
         **_dynamics_reports(noisy, dyn_models, dyn_epochs, x, y, si, flipped),
         "random": detection_report(random_ranking(flipped.size, seed), flipped),
         "memorized": float(fits_noisy[flipped].mean()),

@@ -15,31 +15,66 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-Inputs = Tensor | Mapping[str, Tensor]
+
+class LazyInputs:
+    """Inputs that are read on demand, a range of examples at a time, and never held whole
+    (``etda.sources.StreamedInputs`` over a Dataset or a DataLoader). ``take`` returns a
+    tensor or a dict of tensors; ``digest`` is a content hash made on the first pass."""
+
+    n: int
+    digest: str
+    keys: tuple[str, ...] | None  # the dict keys of every chunk; None: tensor chunks
+
+    def take(self, lo: int, hi: int) -> Tensor | Mapping[str, Tensor]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.n
+
+
+Inputs = Tensor | Mapping[str, Tensor] | LazyInputs
+
+
+def is_lazy(x: Inputs) -> bool:
+    return isinstance(x, LazyInputs)
 
 
 def is_dict(x: Inputs) -> bool:
-    return isinstance(x, Mapping)
+    return x.keys is not None if isinstance(x, LazyInputs) else isinstance(x, Mapping)
 
 
 def leaves(x: Inputs) -> list[Tensor]:
     """The tensors of ``x`` (a dict's in key order)."""
+    if isinstance(x, LazyInputs):
+        raise TypeError("streamed inputs have no tensors until read: use batch.take")
     return [x[k] for k in sorted(x)] if is_dict(x) else [x]
 
 
 def n_rows(x: Inputs) -> int:
     """Number of examples (the shared first dimension)."""
+    if isinstance(x, LazyInputs):
+        return x.n
     return int(leaves(x)[0].shape[0])
 
 
 def apply(x: Inputs, fn: Any) -> Inputs:
-    """``fn`` on every tensor of ``x``, keeping its structure."""
+    """``fn`` on every tensor of ``x``, keeping its structure (streamed inputs are read whole
+    first: call it on ``take``'s result instead where a range will do)."""
+    x = materialize(x)
     return {k: fn(v) for k, v in x.items()} if is_dict(x) else fn(x)
 
 
 def take(x: Inputs, lo: int, hi: int) -> Inputs:
     """Examples ``[lo, hi)``."""
+    if isinstance(x, LazyInputs):
+        return x.take(lo, hi)
     return apply(x, lambda t: t[lo:hi])
+
+
+def materialize(x: Inputs) -> Tensor | Mapping[str, Tensor]:
+    """All examples in memory (streamed inputs are read whole; others returned as they are).
+    Only for steps that need every example at once (LoRA training, exact-Hessian IF)."""
+    return x.take(0, x.n) if isinstance(x, LazyInputs) else x
 
 
 def select(x: Inputs, index: Tensor) -> Inputs:
@@ -64,6 +99,8 @@ def unsqueeze0(x: Inputs) -> Inputs:
 
 def describe(x: Inputs) -> str:
     """Shapes for error messages: ``(784,)`` or ``{input_ids: (128,), ...}``."""
+    if isinstance(x, LazyInputs):
+        return describe(x.take(0, 1))
     if is_dict(x):
         return "{" + ", ".join(f"{k}: {tuple(v.shape[1:])}" for k, v in x.items()) + "}"
     return str(tuple(x.shape[1:]))

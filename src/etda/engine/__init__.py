@@ -20,7 +20,7 @@ from etda.engine.resolve import RunPlan, resolve
 from etda.ensemble.base import Ensemble
 from etda.methods.base import Method, get_method
 from etda.scores import Scores
-from etda.sources import as_tensors
+from etda.sources import as_source
 
 Models = nn.Module | Sequence[nn.Module]
 
@@ -94,7 +94,7 @@ def self_influence(
     full attribution with test = train. Options as for :func:`attribute`.
     """
     m, cfg = split_options(method, options, config)
-    x, y = as_tensors(train, "train")
+    x, y = as_source(train, "train")
     if not m.has_diagonal:
         full = run(resolve(cfg, models, (x, y), (x, y), m, ensemble))
         return Scores(

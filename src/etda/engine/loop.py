@@ -10,8 +10,11 @@ method factor its scores, add them to the scorer; then close the member with its
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
+import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from etda import batch
@@ -142,9 +145,9 @@ def _factor_unit(plan: RunPlan, req: FeatureRequest, weight: float, costs: Costs
         req.model,
         plan.task,
         fz.params,
-        (batch.cast(plan.train.x, dtype), plan.train.y),
+        _in_memory(plan.train.x, plan.train.y, dtype),
         fz,
-        (batch.cast(plan.test.x, dtype), plan.test.y),
+        _in_memory(plan.test.x, plan.test.y, dtype),
     )
     with timer(costs, "score_s"):
         if plan.mode == "self":
@@ -152,6 +155,11 @@ def _factor_unit(plan: RunPlan, req: FeatureRequest, weight: float, costs: Costs
         else:
             factors = plan.method.factors(train, test, ctx)
     return factors, train, weight
+
+
+def _in_memory(x: batch.Inputs, y: Tensor, dtype: torch.dtype) -> Callable[[], tuple]:
+    """A split for a method that needs it whole (exact-Hessian IF), read only if asked."""
+    return lambda: (batch.cast(batch.materialize(x), dtype), y)
 
 
 def _method_name(plan: RunPlan) -> str:

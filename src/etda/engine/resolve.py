@@ -26,7 +26,7 @@ from etda.features.featurize import FeatureSpec, Featurizer
 from etda.features.service import TEST_INDEX_OFFSET, FeatureService, Split
 from etda.features.store import FeatureStore
 from etda.methods.base import Method
-from etda.sources import as_tensors
+from etda.sources import as_source
 from etda.task import Task, check_task, default_task, select_parameters
 
 
@@ -115,8 +115,8 @@ def resolve(
     models, ensemble = _checked(models, ensemble)
     if config.device is not None:  # copies: the user's models stay where they are
         models = [_on(m, config.device) for m in models]
-    x_train, y_train = as_tensors(train, "train")
-    x_test, y_test = as_tensors(test, "test")
+    x_train, y_train = as_source(train, "train")
+    x_test, y_test = as_source(test, "test")
     task = config.task or default_task(y_train)
     check_task(task)
     for m in models:

@@ -104,7 +104,8 @@ class LoRA(Ensemble):
             lr_schedule="constant",
         )
         t0 = time.perf_counter()
-        x = batch.cast(ctx.x_train, ctx.dtype)
+        # adapters train on shuffled minibatches: streamed training data are read whole here
+        x = batch.cast(batch.materialize(ctx.x_train), ctx.dtype)
         if self.train_fn is not None:
             peft_model.train()
             self.train_fn(peft_model, x, ctx.y_train, seed)

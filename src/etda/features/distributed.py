@@ -84,6 +84,8 @@ def featurize_shard(job: ShardJob) -> list[tuple[int, int, str]]:
 
 
 def _tensor(a: Any) -> Any:
+    if batch.is_lazy(a):
+        return a
     if isinstance(a, dict):  # dict inputs travel as slices of tensors
         return {k: _tensor(v) for k, v in a.items()}
     if isinstance(a, Tensor):
@@ -150,7 +152,9 @@ def featurize_parallel(
                     lo, hi = shard[0][0], shard[-1][1]
                     if name not in shared:
                         shared[name] = (
-                            (None, None)  # dict inputs: slices per job
+                            (split.x, split.y)  # streamed: each job reads its own rows
+                            if batch.is_lazy(split.x)
+                            else (None, None)  # dict inputs: slices per job
                             if batch.is_dict(split.x)
                             else (ex.share(split.x.numpy()), ex.share(split.y.numpy()))
                         )

@@ -44,7 +44,10 @@ def member_tag(i: int) -> str:
 def fingerprint(*data: batch.Inputs) -> str:
     """A short content hash of tensors or dicts of tensors (shapes, dtypes and bytes)."""
     h = hashlib.sha256()
-    tensors = [t for d in data for t in batch.leaves(d)]
+    for d in data:
+        if batch.is_lazy(d):  # streamed inputs were hashed on their first pass
+            h.update(d.digest.encode())
+    tensors = [t for d in data if not batch.is_lazy(d) for t in batch.leaves(d)]
     for t in tensors:
         h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
         h.update(t.detach().contiguous().cpu().numpy().tobytes())

@@ -19,6 +19,7 @@ CLI, the sweeps and the tests find it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -41,9 +42,9 @@ class MemberContext:
     model: Any = None
     task: Any = None
     params: list[str] = field(default_factory=list)
-    train_xy: tuple[Tensor, Tensor] | None = None
+    train_xy: Callable[[], tuple[Any, Tensor]] | None = None  # reads the split whole
     featurizer: Any = None
-    test_xy: tuple[Tensor, Tensor] | None = None
+    test_xy: Callable[[], tuple[Any, Tensor]] | None = None
 
     @property
     def curvature_info(self) -> dict | None:

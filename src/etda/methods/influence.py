@@ -174,8 +174,8 @@ class InfluenceFunction(Method):
         from etda.features.service import TEST_INDEX_OFFSET
 
         model, task, names = ctx.model, ctx.task, ctx.params
-        x, y = ctx.train_xy
-        xt, yt = ctx.test_xy
+        x, y = ctx.train_xy()
+        xt, yt = ctx.test_xy()
         set_example_index(model, torch.arange(batch.n_rows(xt)) + TEST_INDEX_OFFSET)
         cap = capture(model, task, "loss", xt, yt, fz.layers, fz.rest)
         test_g = flat_gradient(cap, fz.layers, fz.params, fz.shapes).to(torch.float64)

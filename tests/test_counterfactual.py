@@ -213,3 +213,28 @@ def test_bad_inputs_are_clear() -> None:
         counterfactual(setting, {}, 2, (10,), baselines=("knn",))
     with pytest.raises(TypeError, match="lacks"):
         retrain_many(object(), [], progress=False)
+
+
+def test_counterfactual_and_clean_commands_on_a_built_in_setting(tmp_path, monkeypatch) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from etda.cli import app
+
+    monkeypatch.setenv("ETDA_CACHE_DIR", str(tmp_path))
+    common = ["-s", "digits-logreg", "--seeds", "1", "--json", "--no-progress"]
+    args = ["counterfactual", *common, "-m", "if", "--tests", "2", "--percent", "10"]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert set(out["methods"]) == {"if", "random", "nearest neighbours"}
+    # removing 10 % of the training set by IF moves the margins more than at random
+    assert (
+        out["methods"]["if"]["100"]["margin_drop"] > out["methods"]["random"]["100"]["margin_drop"]
+    )
+    args = ["clean", *common, "--noise", "0.1", "-m", "if", "--percent", "5"]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output)["methods"]
+    assert {"none", "if harm", "random", "training loss"} <= set(got)

@@ -227,6 +227,7 @@ def _ensembles(trained):
         m.load_state_dict(state)
         ckpt.append(m)
     lora = {"rank": 2, "epochs": 1, "batch_size": 4}
+    trajectory = {"epochs": 1, "batch_size": 4, "lr": 1e-3, "optimizer": "adam"}
     return {
         "independent": (None, models),
         "checkpoints": (etda.Checkpoints(), ckpt),
@@ -235,6 +236,8 @@ def _ensembles(trained):
         "dropout-per-example": (etda.Dropout(2, mode="per-example"), models[:1]),
         "dropout-forward": (etda.Dropout(3, forward_only=True), models[:1]),
         "lora": (etda.LoRA(2, **lora), models[:1]),
+        "snapshots": (etda.Snapshots(2, **trajectory), models[:1]),
+        "forks": (etda.Forks(2, subset=0.5, **trajectory), models[:1]),
         "hybrid 2x2 dropout": (etda.Dropout(2), models),
         "hybrid 2x2 lora": (etda.LoRA(2, **lora), models),
     }
@@ -248,7 +251,8 @@ def test_every_ensemble_kind_combines_its_members_by_the_rule(tokens, trained, m
     kw = {"task": SequenceTask(), "projection": "identity", "dtype": "float64"}
     kinds = _ensembles(trained)
     covered = {"none", "checkpoints", "projection-seeds", "dropout", "dropout-per-example"}
-    assert set(ENSEMBLES) <= covered | {"dropout-forward", "lora"}  # every registered kind
+    covered |= {"dropout-forward", "lora", "snapshots", "forks"}
+    assert set(ENSEMBLES) <= covered  # every registered kind
     single = etda.attribute(
         kinds["independent"][1][0], (x, y), test, method, **kw, **METHOD_KW[method]
     )

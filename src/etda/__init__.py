@@ -26,6 +26,7 @@ _EXPORTS = {
     "Ensemble": "etda.ensemble",
     "FeatureSpec": "etda.features.featurize",
     "FeatureStore": "etda.features.store",
+    "Forks": "etda.ensemble",
     "FunctionTask": "etda.task",
     "Independent": "etda.ensemble",
     "KernelTimesMeanQ": "etda.methods",
@@ -40,6 +41,7 @@ _EXPORTS = {
     "RegressionTask": "etda.task",
     "Scores": "etda.scores",
     "SequenceTask": "etda.task",
+    "Snapshots": "etda.ensemble",
     "StaleStoreError": "etda.features.store",
     "Task": "etda.task",
     "attribute": "etda.engine",
@@ -57,9 +59,11 @@ if TYPE_CHECKING:
         Checkpoints,
         Dropout,
         Ensemble,
+        Forks,
         Independent,
         LoRA,
         ProjectionSeeds,
+        Snapshots,
     )
     from etda.features.featurize import FeatureSpec, NonFiniteError
     from etda.features.store import CorruptStoreError, FeatureStore, StaleStoreError
@@ -113,6 +117,7 @@ __all__ = [
     "Ensemble",
     "FeatureSpec",
     "FeatureStore",
+    "Forks",
     "FunctionTask",
     "Independent",
     "KernelTimesMeanQ",
@@ -126,6 +131,7 @@ __all__ = [
     "RegressionTask",
     "Scores",
     "SequenceTask",
+    "Snapshots",
     "StaleStoreError",
     "Task",
     "__version__",

@@ -197,10 +197,13 @@ def prepare_models(
     give_checkpoints = needs_checkpoints(m, ens)
     take = give_checkpoints or ens.members_are_checkpoints
     epochs = checkpoint_schedule(setting.recipe.epochs, n_checkpoints) if take else []
+    start = ens.run_start(setting.recipe.epochs)  # members continue the run from there
+    if start is not None:
+        epochs = [start]
     tms = trained_models(
         setting, k_models, model_dir, first_seed, checkpoint_epochs=epochs, progress=progress
     )
-    if ens.members_are_checkpoints:
+    if ens.members_are_checkpoints or start is not None:
         models = checkpoint_models(setting, tms)
     else:
         models = [tm.model for tm in tms]
@@ -285,6 +288,11 @@ def run_attribution(
     tms, models, checkpoint_kw = prepare_models(
         setting, method_obj, ens, k_models, n_ckpt, model_dir, first_seed, progress
     )
+    train_seconds = sum(tm.seconds for tm in tms)
+    start = ens.run_start(setting.recipe.epochs)
+    if start is not None:  # members continue the run from epoch `start`: only that part counts
+        train_seconds *= start / setting.recipe.epochs
+        ens = ens.fit_run(setting.recipe)
     data = setting.data()
     scores = attribute(
         models,
@@ -297,7 +305,7 @@ def run_attribution(
         seed=seed,
         store=store,
         progress=progress,
-        train_seconds=sum(tm.seconds for tm in tms),
+        train_seconds=train_seconds,
         **checkpoint_kw,
         **dict(attribute_options or {}),
     )

@@ -1,4 +1,5 @@
-"""Ensembles: how members are made (independent, checkpoints, projection seeds, dropout, LoRA);
+"""Ensembles: how members are made (independent, checkpoints, projection seeds, dropout, LoRA,
+snapshots and forks of one run);
 each class registers its presets in ``ENSEMBLES`` when its module is imported."""
 
 # isort: off  (import order is registration order: how the CLI and reports list them)
@@ -15,6 +16,7 @@ from etda.ensemble.base import (
 )
 from etda.ensemble.dropout import Dropout, MaskedDropout
 from etda.ensemble.lora import LoRA
+from etda.ensemble.trajectory import Forks, Snapshots
 
 # isort: on
 
@@ -24,11 +26,13 @@ __all__ = [
     "Checkpoints",
     "Dropout",
     "Ensemble",
+    "Forks",
     "Independent",
     "LoRA",
     "MaskedDropout",
     "Member",
     "Preset",
     "ProjectionSeeds",
+    "Snapshots",
     "make_ensemble",
 ]

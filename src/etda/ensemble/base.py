@@ -163,6 +163,17 @@ class Ensemble(ABC):
         """Options that name a benchmark configuration beyond the kind and member count."""
         return []
 
+    def run_start(self, epochs: int) -> int | None:
+        """For ensembles that continue a run: the epoch (of a run of ``epochs``) whose
+        checkpoint the members start from, when the run's recipe is known; None: the given
+        model as it is."""
+        return None
+
+    def fit_run(self, recipe: Any) -> Ensemble:
+        """This ensemble with its training options taken from the run's recipe (a
+        ``etda.train.TrainRecipe``), where it has any; itself otherwise."""
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": self.name,

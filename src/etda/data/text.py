@@ -29,6 +29,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -288,6 +289,41 @@ def kjv(
         tuple(train_offsets),
         tuple(test_offsets),
     )
+
+
+OWNER_LEVELS = ("book", "chapter", "verse")
+_REF = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+)$")  # "1Sm3:4" -> book "1Sm", chapter 3, verse 4
+
+
+def ref_owner(ref: str, level: str = "book") -> str:
+    """The owner of a verse reference at ``level``: ``"Ge1:3"`` -> ``"Ge"`` (book),
+    ``"Ge1"`` (chapter) or ``"Ge1:3"`` (verse)."""
+    if level not in OWNER_LEVELS:
+        raise ValueError(f"level must be one of {OWNER_LEVELS}, got {level!r}")
+    m = _REF.match(ref)
+    if m is None:
+        raise ValueError(f"{ref!r} is not a verse reference like 'Ge1:3'")
+    return {"book": m[1], "chapter": m[1] + m[2], "verse": ref}[level]
+
+
+def window_owners(
+    bundle: TextBundle,
+    split: str = "train",
+    level: str = "book",
+    cache_dir: str | os.PathLike | None = None,
+) -> list[str]:
+    """The owner of every window of ``split``: the book (or chapter, verse) of the verse its
+    first character belongs to, ``Corpus.ref_at`` of its start offset; ``(n_split,)``."""
+    offsets = getattr(bundle, f"{split}_offsets", None)
+    if split not in ("train", "test") or offsets is None:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if len(offsets) != getattr(bundle, f"n_{split}"):
+        raise ValueError(
+            f"bundle {bundle.name!r} records no corpus offsets of its {split} windows, so they "
+            "have no verse references (a KJV bundle from etda.data.text.kjv has them)"
+        )
+    corpus = load_kjv(cache_dir)
+    return [ref_owner(corpus.ref_at(o), level) for o in offsets]
 
 
 def text_fingerprint(cache_dir: str | os.PathLike | None = None) -> str:

@@ -6,6 +6,10 @@ every test example. LDS of attribution scores tau (n_test, n_train): for each te
 the Spearman correlation across subsets between the predicted output ``sum_{i in S} tau_i``
 and the retrained output; reported as mean ± standard error over test examples.
 
+Group level (data owners): ``ground_truth(..., groups=labels)`` draws the subsets over the
+groups (a ``fraction`` of the groups kept whole, the rest left out) and :func:`group_lds`
+correlates the summed scores of the kept groups with the retrained output.
+
 Retraining is the expensive part, so each (subset, seed) job is a file on disk:
 
     <cache_dir>/<setting>-<key>/meta.json             setting fingerprint + config
@@ -26,6 +30,7 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +96,8 @@ class GroundTruth:
     train_seconds: float  # training wall time summed over all S * seeds_per_subset jobs
     job_seconds: np.ndarray | None = None  # float64 (S, R): training seconds of each job
     path: Path | None = None  # the cache folder it was read from / written to
+    group_masks: np.ndarray | None = None  # bool (S, G): groups kept (a group ground truth)
+    group_names: list | None = None  # (G,): the groups in order of first appearance
 
     @property
     def n_subsets(self) -> int:
@@ -155,14 +162,35 @@ def lds(values: np.ndarray | Scores, gt: GroundTruth) -> LDSResult:
             "test and training sets, in that orientation"
         )
     preds = values @ gt.masks.T.astype(np.float64)  # (n_test, S)
-    per_test = spearman_rows(preds, gt.outputs.T)
+    return _correlate(preds, gt.outputs)
+
+
+def group_lds(group_values: np.ndarray, gt: GroundTruth) -> LDSResult:
+    """LDS of scores per group ``(n_test, G)`` (e.g. ``etda.generative.by_owner`` sums, in
+    ``gt.group_names`` order) against a ground truth drawn over groups (``groups=``): for
+    each test example, the Spearman correlation across subsets between the summed scores of
+    the kept groups and the retrained output. Equals ``lds(values, gt)`` of the example
+    scores when the group scores are their sums."""
+    if gt.group_masks is None:
+        raise ValueError("group_lds needs a ground truth drawn over groups (ground_truth(groups=))")
+    group_values = np.asarray(group_values, dtype=np.float64)
+    shape = (gt.outputs.shape[1], gt.group_masks.shape[1])
+    if group_values.shape != shape:
+        raise ValueError(f"group scores have shape {group_values.shape}, expected {shape}")
+    return _correlate(group_values @ gt.group_masks.T.astype(np.float64), gt.outputs)
+
+
+def _correlate(preds: np.ndarray, outputs: np.ndarray) -> LDSResult:
+    """LDS from predictions ``(n_test, S)`` and retrained outputs ``(S, n_test)``."""
+    n_test = outputs.shape[1]
+    per_test = spearman_rows(preds, outputs.T)
     ok = np.isfinite(per_test)
     if not ok.all():
         warnings.warn(
             f"LDS undefined for {int((~ok).sum())} of {n_test} test examples (constant or NaN "
             "predictions or outputs); they are left out of the mean",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     kept = per_test[ok]
     if kept.size == 0:
@@ -224,22 +252,55 @@ RETRAINER = ("name", "fingerprint", "data", "train", "output")
 
 
 def cache_folder(
-    setting: Setting, config: LDSConfig, cache_dir: str | os.PathLike | None = None
+    setting: Setting,
+    config: LDSConfig,
+    cache_dir: str | os.PathLike | None = None,
+    groups: Sequence[Any] | None = None,
 ) -> Path:
     """The folder holding ``setting``'s ground-truth jobs for ``config`` (default cache:
-    ``etda.paths.cache_root() / "lds-cache"``)."""
-    return (
-        cache_path("lds-cache", cache_dir)
-        / f"{setting.name}-{_cache_key(setting.fingerprint(), config)}"
-    )
+    ``etda.paths.cache_root() / "lds-cache"``); ``groups``: of a ground truth over groups."""
+    key = _cache_key(setting.fingerprint(), config, _groups_key(groups))
+    return cache_path("lds-cache", cache_dir) / f"{setting.name}-{key}"
 
 
-def _cache_key(fingerprint: str, config: LDSConfig) -> str:
-    payload = json.dumps(
-        {"version": CACHE_VERSION, "fingerprint": fingerprint, "config": config.to_dict()},
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+def _cache_key(fingerprint: str, config: LDSConfig, groups_key: str | None = None) -> str:
+    payload: dict[str, Any] = {
+        "version": CACHE_VERSION,
+        "fingerprint": fingerprint,
+        "config": config.to_dict(),
+    }
+    if groups_key is not None:  # only then, so example-level keys stay as they were
+        payload["groups"] = groups_key
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _groups_key(groups: Sequence[Any] | None) -> str | None:
+    """A hash of the group labels of the training examples (None: example level)."""
+    if groups is None:
+        return None
+    text = json.dumps([str(g) for g in groups])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def subset_masks(
+    n_train: int, config: LDSConfig, groups: Sequence[Any] | None = None
+) -> tuple[np.ndarray, np.ndarray | None, list | None]:
+    """The kept-example masks ``(S, n_train)`` of a ground truth; with ``groups`` (one label
+    per training example) whole groups are kept or left out: ``config.n_subsets`` random
+    subsets of ``round(fraction * G)`` groups ``(S, G)``, expanded to their examples. Returns
+    (example masks, group masks or None, group names or None)."""
+    if groups is None:
+        masks = random_subset_masks(n_train, config.n_subsets, config.fraction, config.seed)
+        return masks, None, None
+    from etda.generative import owner_index
+
+    if len(groups) != n_train:
+        raise ValueError(f"{len(groups)} group labels for {n_train} training examples")
+    index, names = owner_index(groups)
+    if len(names) < 2:
+        raise ValueError(f"a ground truth over groups needs at least 2 groups, got {len(names)}")
+    group_masks = random_subset_masks(len(names), config.n_subsets, config.fraction, config.seed)
+    return group_masks[:, index], group_masks, names
 
 
 def _job_path(folder: Path, s: int, r: int) -> Path:
@@ -259,9 +320,9 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
-def _meta(setting: Setting, config: LDSConfig) -> dict:
+def _meta(setting: Setting, config: LDSConfig, groups: Sequence[Any] | None = None) -> dict:
     data = setting.data()
-    return {
+    meta = {
         "version": CACHE_VERSION,
         "setting": setting.name,
         "fingerprint": setting.fingerprint(),
@@ -269,6 +330,9 @@ def _meta(setting: Setting, config: LDSConfig) -> dict:
         "n_train": data.n_train,
         "n_test": data.n_test,
     }
+    if groups is not None:
+        meta["groups"] = {"key": _groups_key(groups), "n_groups": len(set(groups))}
+    return meta
 
 
 def _prepare_folder(folder: Path, meta: dict) -> None:
@@ -335,10 +399,14 @@ def ground_truth(
     address: str | None = None,
     progress: bool = True,
     lock_timeout: float | None = None,
+    groups: Sequence[Any] | None = None,
 ) -> GroundTruth:
     """Retrain on ``config.n_subsets`` random subsets (cached, resumable) and collect outputs.
 
-    ``setting``: a Setting or the name of a registered one.
+    ``setting``: a Setting or the name of a registered one. ``groups``: one label per
+    training example (e.g. its data owner); the subsets then keep or leave out whole groups
+    (:func:`subset_masks`), for a group-level LDS (:func:`lds` of example scores, or
+    :func:`group_lds` of group scores). Cached in a folder of its own.
 
     ``executor``: an Executor, or a name for ``get_executor`` (``"inprocess"``, ``"process"``,
     ``"ray"``; ``workers`` and ``address`` go to it, and it is closed afterwards). Jobs already
@@ -351,7 +419,7 @@ def ground_truth(
     :class:`etda.features.store.StoreLockedError`.
     """
     return _collect(
-        setting, config, cache_dir, executor, workers, address, progress, True, lock_timeout
+        setting, config, cache_dir, executor, workers, address, progress, True, lock_timeout, groups
     )
 
 
@@ -359,9 +427,10 @@ def load_ground_truth(
     setting: Setting | str,
     config: LDSConfig = LDSConfig(),  # noqa: B008
     cache_dir: str | os.PathLike | None = None,
+    groups: Sequence[Any] | None = None,
 ) -> GroundTruth:
     """The cached ground truth; raises FileNotFoundError if any job is missing or corrupt."""
-    return _collect(setting, config, cache_dir, None, None, None, False, False)
+    return _collect(setting, config, cache_dir, None, None, None, False, False, groups=groups)
 
 
 def _collect(
@@ -374,6 +443,7 @@ def _collect(
     progress: bool,
     compute: bool,
     lock_timeout: float | None = None,
+    groups: Sequence[Any] | None = None,
 ) -> GroundTruth:
     if isinstance(setting, str):
         setting = get_setting(setting)
@@ -387,9 +457,10 @@ def _collect(
     if not isinstance(config, LDSConfig):
         raise TypeError(f"config must be an LDSConfig, got {type(config).__name__}")
     data = setting.data()
-    meta = _meta(setting, config)
-    folder = cache_folder(setting, config, cache_dir)
-    masks = random_subset_masks(data.n_train, config.n_subsets, config.fraction, config.seed)
+    groups = None if groups is None else list(groups)
+    masks, group_masks, group_names = subset_masks(data.n_train, config, groups)
+    meta = _meta(setting, config, groups)
+    folder = cache_folder(setting, config, cache_dir, groups)
     S, R = config.n_subsets, config.seeds_per_subset
     if compute:
         _prepare_folder(folder, meta)
@@ -422,6 +493,8 @@ def _collect(
         train_seconds=float(seconds.sum()),
         job_seconds=seconds,
         path=folder,
+        group_masks=group_masks,
+        group_names=group_names,
     )
 
 

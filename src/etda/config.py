@@ -21,6 +21,7 @@ from etda.io import parse_size
 DTYPES = ("float32", "float64")
 PROJECTION_CHOICES = ("auto", "none", "identity", "gaussian", "rademacher", "sparse", "factored")
 STORAGE_CHOICES = ("float32", "float16", "bfloat16")
+KERNEL_DTYPES = ("float64", "float32", "bfloat16")
 EXECUTOR_CHOICES = ("inprocess", "process", "ray")
 
 
@@ -105,6 +106,12 @@ class AttributeConfig:
         "ranges (False: refuse such a store with CorruptStoreError).",
         False,
     )
+    kernel_dtype: str = _help(
+        "Precision of the kernel's matrix products (gradient Grams, exact or projected): "
+        "float64, float32 (about twice as fast on CPUs) or bfloat16 (for GPUs); each "
+        "layer's product is summed and solved in float64 either way.",
+        "float64",
+    )
     device: str | None = _help(
         "Where models run: 'cpu', 'cuda', 'cuda:1', ... (None: the models' own device). Inputs "
         "are moved chunk by chunk; features come back to the host for the store and scoring.",
@@ -116,6 +123,7 @@ class AttributeConfig:
         _choice("projection", self.projection, PROJECTION_CHOICES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("storage", self.storage, STORAGE_CHOICES)
+        _choice("kernel_dtype", self.kernel_dtype, KERNEL_DTYPES)
         _choice("executor", self.executor, EXECUTOR_CHOICES)
         _optional_positive_int("proj_dim", self.proj_dim)
         if self.proj_dim is not None and self.projection in ("none", "identity"):

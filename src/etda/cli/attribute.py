@@ -40,7 +40,7 @@ from etda.cli._app import (
     _user_errors,
     app,
 )
-from etda.config import AttributeConfig
+from etda.config import KERNEL_DTYPES, AttributeConfig
 from etda.ensemble import ENSEMBLES
 from etda.experiment import (
     PROJECTIONS,
@@ -215,6 +215,15 @@ def attribute(
             help="Stored feature precision: float32 | float16 | bfloat16.",
         ),
     ] = "float32",
+    kernel_dtype: Annotated[
+        str,
+        typer.Option(
+            callback=_kernel_dtype_cb,
+            autocompletion=lambda: list(KERNEL_DTYPES),
+            help="Precision of the kernel's matrix products: float64 | float32 (about twice as "
+            "fast on CPUs) | bfloat16; sums and solves stay float64.",
+        ),
+    ] = "float64",
     scores_out: Annotated[
         Path | None,
         typer.Option(
@@ -266,6 +275,7 @@ def attribute(
                 progress=progress,
                 memory_budget=_bytes_option(max_memory, "--max-memory"),
                 storage=storage,
+                kernel_dtype=kernel_dtype,
                 scores_out=scores_out,
                 top_k=max(top_k, 10),
             )
@@ -318,6 +328,7 @@ def attribute(
             attribute_options={
                 "memory_budget": _bytes_option(max_memory, "--max-memory"),
                 "storage": storage,
+                "kernel_dtype": kernel_dtype,
                 "scores_out": scores_out,
                 "repair": repair,
                 "top_k": max(top_k, 10),
@@ -335,6 +346,12 @@ def attribute(
         typer.echo(dumps(info))
         return
     _print_summary(scores, result, out, top, top_k)
+
+
+def _kernel_dtype_cb(value: str) -> str:
+    if value not in KERNEL_DTYPES:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(KERNEL_DTYPES)}")
+    return value
 
 
 def _attribute_user_code(

@@ -159,6 +159,7 @@ def resolve(
         ),
         curvature=method.curvature(config.seed),
         test_target=method.test_target,
+        kernel_dtype=config.kernel_dtype,
     )
     return RunPlan(
         config,

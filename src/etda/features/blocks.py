@@ -50,25 +50,32 @@ def inner(
     rows: slice = slice(None),
     cols: slice = slice(None),
     dtype: torch.dtype = torch.float64,
+    compute: torch.dtype | None = None,
 ) -> Tensor:
-    """Gradient inner products ``<g(a_r), g(b_c)>`` of shape ``(len(rows), len(cols))``."""
+    """Gradient inner products ``<g(a_r), g(b_c)>`` of shape ``(len(rows), len(cols))`` in
+    ``dtype``. ``compute`` (default ``dtype``): the precision of the matrix products; each
+    layer's product is then summed in ``dtype`` (mixed precision: float32 or bfloat16
+    products, float64 sums)."""
+    compute = compute or dtype
     out: Tensor | None = None
 
     def add(t: Tensor) -> None:
         nonlocal out
+        t = t.to(dtype)
         out = t if out is None else out.add_(t)
 
     for name in EXPLICIT:
         if name in a:
-            xa = torch.as_tensor(a[name][rows]).to(dtype)
-            xb = torch.as_tensor(b[name][cols]).to(dtype)
+            xa = torch.as_tensor(a[name][rows]).to(compute)
+            xb = torch.as_tensor(b[name][cols]).to(compute)
             add(xa @ xb.T)
     for j in factor_ids(a):
-        da = torch.as_tensor(a[f"d{j}"][rows]).to(dtype)
-        db = torch.as_tensor(b[f"d{j}"][cols]).to(dtype)
-        aa = torch.as_tensor(a[f"a{j}"][rows]).to(dtype)
-        ab = torch.as_tensor(b[f"a{j}"][cols]).to(dtype)
-        add((da @ db.T).mul_(_gram(aa, ab)))
+        da = torch.as_tensor(a[f"d{j}"][rows]).to(compute)
+        db = torch.as_tensor(b[f"d{j}"][cols]).to(compute)
+        aa = torch.as_tensor(a[f"a{j}"][rows]).to(compute)
+        ab = torch.as_tensor(b[f"a{j}"][cols]).to(compute)
+        dd = (da @ db.T).to(dtype) if compute == torch.bfloat16 else da @ db.T
+        add(dd.mul_(_gram(aa, ab)))  # bf16: the product of the two Grams in ``dtype``
     if out is None:
         raise ValueError("no feature blocks to take inner products of")
     return out
@@ -83,7 +90,7 @@ _GRAM_CACHE_MIN_WIDTH = 256  # below this the product is cheaper than hashing
 
 def _digest(t: Tensor) -> str:
     h = hashlib.blake2b(str((tuple(t.shape), t.dtype)).encode(), digest_size=16)
-    h.update(t.contiguous().numpy().tobytes())
+    h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -91,7 +98,7 @@ def _gram(x: Tensor, y: Tensor) -> Tensor:
     """``x y^T``, memoized by content for wide inputs (returns a tensor not to be mutated)."""
     if x.shape[1] < _GRAM_CACHE_MIN_WIDTH:
         return x @ y.T
-    key = (_digest(x), _digest(y))
+    key = (_digest(x), _digest(y))  # the digests include the inputs' dtype
     if key in _GRAM_CACHE:
         _GRAM_CACHE.move_to_end(key)
         return _GRAM_CACHE[key]
@@ -135,7 +142,10 @@ class Features:
 
     in_memory = True
 
-    def __init__(self, blocks: Mapping[str, Tensor]) -> None:
+    def __init__(
+        self, blocks: Mapping[str, Tensor], precision: torch.dtype = torch.float64
+    ) -> None:
+        self.precision = precision  # of the Gram products (summed in float64)
         self.blocks = dict(blocks)
         self.features = {k: v for k, v in self.blocks.items() if k not in EXTRA}
         self.n = next(iter(self.blocks.values())).shape[0]
@@ -152,19 +162,19 @@ class Features:
     def ranges(self) -> list[tuple[int, int]]:
         return [(0, self.n)]
 
-    def rows(self, lo: int, hi: int) -> Tensor:
-        return self.matrix()[lo:hi].to(torch.float64)
+    def rows(self, lo: int, hi: int, dtype: torch.dtype = torch.float64) -> Tensor:
+        return self.matrix()[lo:hi].to(dtype)
 
     def gram(self) -> Tensor:
-        phi = self.rows(0, self.n)
-        return phi.T @ phi
+        phi = self.matrix().to(self.precision)
+        return (phi.T @ phi).to(torch.float64)
 
     def sq_norms(self) -> Tensor:
         return sq_norms(self.features)
 
     def inner(self, other: Features) -> Tensor:
         """``<g(other_r), g(self_c)>``: ``(other.n, self.n)`` float64."""
-        return inner(other.features, self.features)
+        return inner(other.features, self.features, compute=self.precision)
 
 
 class StreamedFeatures:
@@ -194,8 +204,10 @@ class StreamedFeatures:
     def ranges(self) -> list[tuple[int, int]]:
         return [(lo, min(lo + self.block, self.n)) for lo in range(0, self.n, self.block)]
 
-    def rows(self, lo: int, hi: int) -> Tensor:
-        return self.store.rows(lo, hi, [self.key])[self.key].to(torch.float64)
+    precision = torch.float64
+
+    def rows(self, lo: int, hi: int, dtype: torch.dtype = torch.float64) -> Tensor:
+        return self.store.rows(lo, hi, [self.key])[self.key].to(dtype)
 
     def _stream(self, gram: bool) -> None:
         k = self.explicit_width

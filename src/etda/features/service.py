@@ -141,6 +141,7 @@ class FeatureService:
         fwd_flops: float = 0.0,
         curvature: CurvatureSpec | None = None,
         test_target: str | None = None,
+        kernel_dtype: str = "float64",
     ) -> None:
         self.task, self.train, self.test, self.store = task, train, test, store
         self.projection, self.proj_dim, self.target = projection, proj_dim, target
@@ -148,6 +149,7 @@ class FeatureService:
         self.chunk_size, self.storage, self.params = chunk_size, storage, params
         self.use_hooks, self.progress, self.fwd_flops = use_hooks, progress, fwd_flops
         self.curvature = curvature
+        self.kernel_dtype = getattr(torch, kernel_dtype)  # precision of the Gram products
         self.test_target = test_target or target  # the test side's scalar (IF measure=)
         self._preconditioners: dict[tuple[str, str], Any] = {}
 
@@ -281,7 +283,9 @@ class FeatureService:
                 self.fill(st, fz, req.model, split, f"{req.tag} {name}")
                 streamed = name == "train" and stream_block is not None
                 views[name] = (
-                    StreamedFeatures(st, stream_block) if streamed else Features(st.load())
+                    StreamedFeatures(st, stream_block)
+                    if streamed
+                    else Features(st.load(), self.kernel_dtype)
                 )
             costs.feature_bytes += st.feature_nbytes()
             n += split.n

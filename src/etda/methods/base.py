@@ -88,8 +88,13 @@ def block_scores(
     hi: int,
 ) -> Tensor:
     """Columns ``[lo, hi)`` of a member's scores ``(n_test, hi - lo)`` from its form."""
-    # "sample": scores already; "feature": a left factor times the training rows
-    part = left[:, lo:hi] if space == "sample" else left.to(torch.float64) @ train.rows(lo, hi).T
+    # "sample": scores already; "feature": a left factor times the training rows, in the
+    # features' kernel precision (float64 unless a mixed-precision kernel was asked for)
+    if space == "sample":
+        part = left[:, lo:hi]
+    else:
+        prec = train.precision
+        part = (left.to(prec) @ train.rows(lo, hi, prec).T).to(torch.float64)
     if col_scale is not None:
         part = part * col_scale[lo:hi][None, :]
     return part

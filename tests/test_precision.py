@@ -1,0 +1,61 @@
+"""Mixed-precision kernels (``kernel_dtype``): float32 or bfloat16 Gram products summed and
+solved in float64 stay close to the float64 kernel, for exact factors and projections."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import etda
+from etda.features.blocks import inner
+
+
+def data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 12, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+TRAIN, TEST = data(300, 1), data(20, 2)
+
+
+@pytest.mark.parametrize("projection", ["none", "factored"])
+@pytest.mark.parametrize("method", ["trak", "graddot", "if"])
+def test_float32_and_bfloat16_kernels_are_close_to_float64(method, projection) -> None:
+    kw = {"method": method, "projection": projection}
+    if projection == "factored":
+        kw["proj_dim"] = 256
+    ref = etda.attribute(mlp(), TRAIN, TEST, **kw)
+    f32 = etda.attribute(mlp(), TRAIN, TEST, kernel_dtype="float32", **kw)
+    bf16 = etda.attribute(mlp(), TRAIN, TEST, kernel_dtype="bfloat16", **kw)
+    scale = np.abs(ref.values).max()
+    np.testing.assert_allclose(f32.values, ref.values, rtol=0, atol=1e-4 * scale)
+    assert not np.array_equal(f32.values, ref.values) or projection == "none"
+    # bfloat16 keeps 8 bits of mantissa: about 1 % of the scale, and the ranking
+    np.testing.assert_allclose(bf16.values, ref.values, rtol=0, atol=3e-2 * scale)
+    rho = np.corrcoef(bf16.values.ravel(), ref.values.ravel())[0, 1]
+    assert rho > 0.999
+    assert f32.config["options"]["kernel_dtype"] == "float32"
+
+
+def test_inner_sums_each_layers_product_in_float64() -> None:
+    g = torch.Generator().manual_seed(3)
+    a = {"d0": torch.randn(5, 3, generator=g), "a0": torch.randn(5, 7, generator=g)}
+    b = {"d0": torch.randn(4, 3, generator=g), "a0": torch.randn(4, 7, generator=g)}
+    exact = inner(a, b)
+    got = inner(a, b, compute=torch.float32)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, exact, rtol=1e-6, atol=1e-6)
+    want = (a["d0"].double() @ b["d0"].double().T) * (a["a0"].double() @ b["a0"].double().T)
+    torch.testing.assert_close(exact, want, rtol=1e-12, atol=1e-12)
+
+
+def test_an_unknown_kernel_dtype_is_refused() -> None:
+    with pytest.raises(ValueError, match="kernel_dtype"):
+        etda.attribute(mlp(), TRAIN, TEST, method="graddot", kernel_dtype="float16")

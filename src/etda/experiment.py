@@ -355,6 +355,9 @@ def default_out_dir(
 def damping_summary(scores: Scores) -> str:
     """The damping each member chose, condensed (``""`` if the method has none)."""
     chosen = [m["damping"] for m in scores.config.get("members", []) if "damping" in m]
+    shared = scores.config.get("shared_solve")
+    if shared is not None and "damping" in shared:
+        chosen = [shared["damping"]]  # one solve for the ensemble's mean kernel
     if not chosen:
         return ""
     rules = sorted({d.get("rule", "?") for d in chosen})
@@ -368,6 +371,8 @@ def damping_summary(scores: Scores) -> str:
     text = f"{'/'.join(rules)}: λ = {span(lams)}"
     if cs:
         text += f" (c = {span(cs)} × tr(K)/min(n, k))"
+    if shared is not None:
+        return text + " (one shared solve)"
     return text + (f" over {len(chosen)} members" if len(chosen) > 1 else "")
 
 

@@ -152,6 +152,15 @@ def attribute(
             "Fisher, fitted per member).",
         ),
     ] = "gram",
+    solve: Annotated[
+        str,
+        typer.Option(
+            callback=_solve_cb,
+            autocompletion=lambda: ["member", "shared"],
+            help="TRAK: one damped solve per member (member) or one for the ensemble's mean "
+            "kernel (shared: the members' features side by side).",
+        ),
+    ] = "member",
     fisher: Annotated[
         str,
         typer.Option(
@@ -253,6 +262,10 @@ def attribute(
                 f"method {method!r} has no curvature option (use -m if)", param_hint="--curvature"
             )
         method_options = {"curvature": curvature, "fisher": fisher}
+    if solve != "member":
+        if not method_takes(method, "solve"):
+            raise typer.BadParameter(f"method {method!r} has no shared solve", param_hint="--solve")
+        method_options["solve"] = solve
     if model_ref is not None:
         if lds_on and train_fn_ref is None:
             raise typer.BadParameter(
@@ -346,6 +359,12 @@ def attribute(
         typer.echo(dumps(info))
         return
     _print_summary(scores, result, out, top, top_k)
+
+
+def _solve_cb(value: str) -> str:
+    if value not in ("member", "shared"):
+        raise typer.BadParameter(f"{value!r} is not one of member, shared")
+    return value
 
 
 def _kernel_dtype_cb(value: str) -> str:

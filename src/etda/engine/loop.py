@@ -190,4 +190,5 @@ def _record(plan: RunPlan, infos: list[dict], combined: Any) -> dict:
         "memory_budget": c.memory_budget,
         "executor": c.executor,
         "options": c.to_dict(),
+        **({"shared_solve": combined.info} if combined.info is not None else {}),
     }

@@ -19,7 +19,7 @@ from etda import batch, compat
 from etda.config import AttributeConfig
 from etda.cost import forward_flops
 from etda.engine.memory import DEFAULT_SKETCH_DIM, MemoryModel
-from etda.engine.scorers import BlockedScorer, DenseScorer
+from etda.engine.scorers import BlockedScorer, DenseScorer, SharedKernelScorer
 from etda.ensemble.base import BuildContext, Ensemble, Independent
 from etda.features import blocks as fb
 from etda.features.featurize import FeatureSpec, Featurizer
@@ -62,7 +62,9 @@ class RunPlan:
     def parallel(self) -> bool:
         return self.config.executor != "inprocess"
 
-    def scorer(self) -> DenseScorer | BlockedScorer:
+    def scorer(self) -> DenseScorer | BlockedScorer | SharedKernelScorer:
+        if self.method.shared_solve and self.mode == "attribute":
+            return SharedKernelScorer(self.method)
         if self.out_of_core and self.mode == "attribute":
             c = self.config
             return BlockedScorer(

@@ -8,7 +8,9 @@
   written to an ``.npy`` file when the scores do not fit, and merged into the top-k.
 
 Both compute a block with :func:`etda.methods.base.block_scores` and combine with the
-method's rule. A member's scores are the weighted sum of its units (TracIn: checkpoints);
+method's rule. :class:`SharedKernelScorer` serves methods that solve once for the whole
+ensemble (``Method.shared_solve``): it averages the members' kernels and solves at the end.
+A member's scores are the weighted sum of its units (TracIn: checkpoints);
 members are then combined (``Mean``: averaged; TRAK: kernel and Q averaged separately).
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +42,7 @@ class Combined:
     values: np.ndarray
     top: dict[str, np.ndarray] | None = None
     block: int | None = None
+    info: dict | None = None  # a shared solve's record (damping, form)
 
 
 class DenseScorer:
@@ -90,6 +94,45 @@ class DenseScorer:
         if self.total is None:
             raise ValueError("no members were scored")
         return Combined(self.rule.finish(self.total, self.count, self.q_total).numpy())
+
+
+class SharedKernelScorer:
+    """Averages the members' kernels ``(n, n)``, test-train kernels ``(n_test, n)`` and Q
+    terms, and solves once at the end with the method's :meth:`~Method.solve_shared`."""
+
+    def __init__(self, method: Any) -> None:
+        self.method = method
+        self.kernel: Tensor | None = None
+        self.cross: Tensor | None = None
+        self.q_total: Tensor | None = None
+        self.count = 0
+        self.width: int | None = 0  # the members' features side by side (None: exact)
+
+    def add(self, factors: MemberFactors, train: TrainFeatures, weight: float = 1.0) -> None:
+        if factors.space != "kernel" or factors.kernel is None or factors.left is None:
+            raise ValueError("a shared solve needs each member's kernels (space 'kernel')")
+        k = train.explicit_width
+        self.width = None if k is None or self.width is None else self.width + k
+        k, c = factors.kernel.to(torch.float64), factors.left.to(torch.float64)
+        self.kernel = k * weight if self.kernel is None else self.kernel.add_(k, alpha=weight)
+        self.cross = c * weight if self.cross is None else self.cross.add_(c, alpha=weight)
+
+    def add_values(self, values: Tensor, weight: float = 1.0) -> None:
+        raise ValueError("a shared solve takes kernels, not scores")
+
+    def end_member(self, q: Tensor | None) -> None:
+        if q is not None:
+            self.q_total = q.clone() if self.q_total is None else self.q_total.add_(q)
+        self.count += 1
+
+    def result(self) -> Combined:
+        if self.kernel is None or self.cross is None:
+            raise ValueError("no members were scored")
+        q = None if self.q_total is None else self.q_total / self.count
+        values, info = self.method.solve_shared(
+            self.kernel / self.count, self.cross / self.count, q, self.width
+        )
+        return Combined(values.numpy(), info=info)
 
 
 @dataclass

@@ -31,7 +31,7 @@ from etda.features.blocks import Features, TrainFeatures
 from etda.features.curvature import CurvatureSpec
 from etda.registry import Registry
 
-Space = Literal["feature", "sample"]
+Space = Literal["feature", "sample", "kernel"]
 Checkpoint = tuple[dict[str, Tensor], float]  # (state dict, learning-rate weight)
 
 
@@ -64,6 +64,8 @@ class MemberFactors:
     info: dict = field(default_factory=dict)
     left_file: Path | None = None  # out of core: ``left`` spilled to this .npy file
     width: int = 0  # columns of ``left``
+    kernel: Tensor | None = None  # space "kernel": the member's train kernel (n, n); left is
+    # then its test-train kernel (n_test, n), both combined before one shared solve
 
     def __post_init__(self) -> None:
         if self.left is not None:
@@ -163,6 +165,20 @@ class Method(ABC):
     def streamable(self) -> bool:
         """Whether the form can be computed from features on disk (out of core)."""
         return True
+
+    @property
+    def shared_solve(self) -> bool:
+        """Whether members hand over kernels (space ``"kernel"``) that are averaged and
+        solved once (:meth:`solve_shared`) instead of solving once per member."""
+        return False
+
+    def solve_shared(
+        self, kernel: Tensor, cross: Tensor, q: Tensor | None, width: int | None
+    ) -> tuple[Tensor, dict]:
+        """Scores ``(n_test, n)`` from the members' mean kernel ``(n, n)``, mean test-train
+        kernel ``(n_test, n)``, mean Q and their features' total width (None: exact
+        gradients), and a record of the solve."""
+        raise NotImplementedError(f"method {self.name!r} has no shared solve")
 
     @property
     def default_projection(self) -> str:

@@ -97,6 +97,24 @@ class DampedSystem:
             self.trace = float(self.kmat.diagonal().sum())
         self.dim = min(self.n, k) if k is not None else self.n
 
+    @classmethod
+    def from_kernel(cls, kmat: Tensor, width: int | None = None) -> DampedSystem:
+        """The sample-space system of a given kernel ``(n, n)`` (e.g. an ensemble's mean
+        kernel) of features ``width`` wide (None: at least n); test sides come as cross
+        kernels (:meth:`left_from_cross`)."""
+        system = cls.__new__(cls)
+        system.train, system.n, system.form = None, int(kmat.shape[0]), "sample"
+        system.kmat = kmat.to(torch.float64)
+        system.trace = float(system.kmat.diagonal().sum())
+        system.dim = system.n if width is None else min(system.n, width)
+        return system
+
+    def left_from_cross(self, cross: Tensor, lam: float) -> Tensor:
+        """``cross (K + lam I)^-1`` ``(n_test, n)`` for a test-train kernel ``cross``."""
+        if self.form != "sample":
+            raise ValueError("left_from_cross needs the sample-space form")
+        return torch.cholesky_solve(cross.to(torch.float64).T, self._factor(lam)).T
+
     @property
     def base(self) -> float:
         """``tr(K) / min(n, k)``: the mean eigenvalue, the unit of relative damping."""

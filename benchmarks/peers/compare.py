@@ -1,9 +1,12 @@
-"""Peers side by side: TRAK (``traker``), dattri and kronfluence against etda on fmnist-mlp.
+"""Peers side by side: TRAK (``traker``), dattri and kronfluence against etda on fmnist-mlp,
+and kronfluence against etda on fmnist2-cnn and kjv-transformer.
 
 Run with etda's environment from the repository root, after ``bash benchmarks/peers/setup.sh``:
 
     .venv/bin/python benchmarks/peers/compare.py            # everything (~45 min on 2 cores)
     .venv/bin/python benchmarks/peers/compare.py --reuse    # only configurations not yet run
+    .venv/bin/python benchmarks/peers/compare.py --setting fmnist2-cnn     # kronfluence vs etda
+    .venv/bin/python benchmarks/peers/compare.py --setting kjv-transformer
 
 It (1) exports the data and the 5 cached trained models (``export.py``), (2) runs every peer
 configuration (``run_peer.py``, peers' venv) and every etda configuration (this file,
@@ -11,6 +14,11 @@ configuration (``run_peer.py``, peers' venv) and every etda configuration (this 
 configuration, (3) computes the LDS of every score file against etda's cached LDS ground
 truth, and (4) writes ``benchmarks/peers/results.json`` and ``results.md`` and prints the
 table. Scores and per-run JSON go to ``benchmarks/peers/work/scores/`` (gitignored).
+
+With ``--setting fmnist2-cnn`` or ``--setting kjv-transformer`` the same steps run on that
+setting (inputs and scores under ``work/<setting>/``) with the kronfluence configurations and
+their etda partners (``SETTING_PEERS``, ``SETTING_ETDA``), and write
+``results-<setting>.json`` / ``.md``.
 """
 
 from __future__ import annotations
@@ -34,6 +42,10 @@ os.environ.setdefault("ETDA_CACHE_DIR", str(Path(__file__).resolve().parents[2] 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 WORK = HERE / "work"
+DEFAULT_SETTING = "fmnist-mlp"
+# the setting this process works on (``--setting``): its exported inputs and its scores
+SETTING = DEFAULT_SETTING
+SETTING_WORK = WORK
 SCORES = WORK / "scores"
 PEER_PY = Path(os.environ.get("PEERS_PYTHON", HERE / ".venv-peers" / "bin" / "python"))
 THREADS = 2
@@ -83,6 +95,64 @@ ETDA = {
         "IF (exact Gram, defaults), 5 checkpoints of one run",
     ),
 }
+MLP_ETDA = list(ETDA)  # the etda configurations of the fmnist-mlp table
+ETDA |= {
+    # the other settings (fmnist2-cnn, kjv-transformer): measure="output" differentiates the
+    # test output the ground truth records (margin / sequence log-likelihood), as kronfluence's
+    # measurement does here; "params": "kronfluence" keeps only the Linear/Conv2d parameters
+    # kronfluence tracks
+    "etda-if-output-1": (
+        1,
+        {"method": "if", "measure": "output"},
+        "IF (exact Gram), test output measured, 1 model",
+    ),
+    "etda-if-kfac-output-1": (
+        1,
+        {"method": "if", "curvature": "kfac", "measure": "output"},
+        "IF, K-FAC curvature, test output measured, 1 model",
+    ),
+    "etda-if-ekfac-output-1": (
+        1,
+        {"method": "if", "curvature": "ekfac", "measure": "output"},
+        "IF, EK-FAC curvature, test output measured, 1 model",
+    ),
+    "etda-if-ekfac-empirical-output-1": (
+        1,
+        {"method": "if", "curvature": "ekfac", "fisher": "empirical", "measure": "output"},
+        "IF, EK-FAC curvature at the true labels, test output measured, 1 model",
+    ),
+    "etda-if-ekfac-output-kfparams-1": (
+        1,
+        {"method": "if", "curvature": "ekfac", "measure": "output", "params": "kronfluence"},
+        "IF, EK-FAC, test output measured, only kronfluence's modules (Linear/Conv2d), 1 model",
+    ),
+    "etda-if-kfparams-1": (
+        1,
+        {"method": "if", "params": "kronfluence"},
+        "IF (exact Gram), only kronfluence's modules (Linear/Conv2d), 1 model",
+    ),
+    "etda-if-5": (5, {"method": "if"}, "IF (exact Gram, defaults), 5 models"),
+    "etda-if-output-5": (
+        5,
+        {"method": "if", "measure": "output"},
+        "IF (exact Gram), test output measured, 5 models",
+    ),
+    "etda-if-ekfac-output-5": (
+        5,
+        {"method": "if", "curvature": "ekfac", "measure": "output"},
+        "IF, EK-FAC curvature, test output measured, 5 models",
+    ),
+    "etda-if-output-ckpt5": (
+        1,
+        {"method": "if", "measure": "output", "ensemble": "checkpoints-5"},
+        "IF (exact Gram), test output measured, 5 checkpoints of one run",
+    ),
+    "etda-if-ekfac-output-ckpt5": (
+        1,
+        {"method": "if", "curvature": "ekfac", "measure": "output", "ensemble": "checkpoints-5"},
+        "IF, EK-FAC curvature, test output measured, 5 checkpoints of one run",
+    ),
+}
 # configurations that need an etda option that may not exist yet (the curvature strategy):
 # if etda raises on it, the run records "not available: <error>" instead of failing
 OPTIONAL = {name for name, (_, kw, _) in ETDA.items() if "curvature" in kw}
@@ -102,6 +172,85 @@ PEERS = {
     "kronfluence-ekfac-5": ([], ["etda-if-ekfac-5", "etda-if-ekfac-ckpt5", "etda-if-ckpt5"]),
     "kronfluence-identity-1": ([], ["etda-graddot-1"]),
 }
+# the kronfluence rows of the other settings and their etda partners
+KF_PEERS = {
+    "kronfluence-kfac-1": ([], ["etda-if-kfac-output-1", "etda-if-kfac-1", "etda-if-1"]),
+    "kronfluence-ekfac-1": (
+        [],
+        [
+            "etda-if-ekfac-output-1",
+            "etda-if-ekfac-empirical-output-1",
+            "etda-if-ekfac-output-kfparams-1",
+            "etda-if-ekfac-1",
+            "etda-if-1",
+            "etda-if-output-1",
+        ],
+    ),
+    "kronfluence-kfac-5": (
+        [],
+        ["etda-if-ekfac-output-5", "etda-if-ekfac-output-ckpt5", "etda-if-ckpt5"],
+    ),
+    "kronfluence-ekfac-5": (
+        [],
+        [
+            "etda-if-ekfac-output-5",
+            "etda-if-5",
+            "etda-if-ekfac-output-ckpt5",
+            "etda-if-ckpt5",
+            "etda-if-output-ckpt5",
+        ],
+    ),
+    "kronfluence-identity-1": ([], ["etda-graddot-1"]),
+}
+# setting -> (peer configurations with their partners, etda configurations, title)
+SETTING_PEERS = {"fmnist-mlp": PEERS, "fmnist2-cnn": KF_PEERS, "kjv-transformer": KF_PEERS}
+_KF_ETDA = [
+    "etda-if-1",
+    "etda-if-output-1",
+    "etda-if-kfparams-1",
+    "etda-if-kfac-1",
+    "etda-if-kfac-output-1",
+    "etda-if-ekfac-1",
+    "etda-if-ekfac-output-1",
+    "etda-if-ekfac-empirical-1",
+    "etda-if-ekfac-empirical-output-1",
+    "etda-if-ekfac-output-kfparams-1",
+    "etda-if-5",
+    "etda-if-output-5",
+    "etda-if-ekfac-output-5",
+    "etda-if-ckpt5",
+    "etda-if-output-ckpt5",
+    "etda-if-ekfac-output-ckpt5",
+    "etda-graddot-1",
+    "etda-trak-1",
+]
+SETTING_ETDA = {
+    # fmnist-mlp: the configurations it always ran (results.md)
+    "fmnist-mlp": MLP_ETDA,
+    "fmnist2-cnn": _KF_ETDA,
+    "kjv-transformer": _KF_ETDA,
+}
+TITLES = {
+    "fmnist-mlp": "fmnist-mlp (MLP 784-128-128-10, 5000 train / 500 test)",
+    "fmnist2-cnn": "fmnist2-cnn (ResNet-9 width 8, Fashion-MNIST T-shirt vs Shirt, "
+    "2000 train / 200 test)",
+    "kjv-transformer": "kjv-transformer (character transformer, 2 layers, d 64, on KJV "
+    "windows of 64 characters, 2000 train / 200 test, next-token task)",
+}
+
+
+def use_setting(name: str) -> None:
+    """Point this process at ``name``'s exported inputs and scores."""
+    global SETTING, SETTING_WORK, SCORES
+    sys.path.insert(0, str(HERE))
+    from export import work_dir
+
+    SETTING, SETTING_WORK = name, work_dir(name)
+    SCORES = SETTING_WORK / "scores"
+
+
+def results_stem(setting: str) -> str:
+    return "results" if setting == DEFAULT_SETTING else f"results-{setting}"
 
 
 def peak_rss_mb() -> float:
@@ -121,7 +270,7 @@ def run_etda(name: str, out: Path) -> dict:
 
     n_models, kw, desc = ETDA[name]
     kw = dict(kw)
-    setting = get_setting("fmnist-mlp")
+    setting = get_setting(SETTING)
     data = setting.data()
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -144,6 +293,7 @@ def run_etda(name: str, out: Path) -> dict:
     result = {
         "config": name,
         "library": "etda",
+        "setting": SETTING,
         "description": desc,
         "models": n_models,
         "members": len(models),
@@ -153,6 +303,7 @@ def run_etda(name: str, out: Path) -> dict:
         "peak_rss_mb": peak_rss_mb(),
         "finite": bool(np.isfinite(values).all()),
         "projection": s.config.get("projection"),
+        "coverage": _etda_coverage(models[0], kw),
         "versions": {"etda": etda.__version__, "torch": torch.__version__},
     }
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
@@ -167,6 +318,9 @@ def _etda_models(etda, setting, n_models: int, kw: dict) -> tuple[list, dict]:
     from etda.zoo import trained_models
 
     ensemble = kw.get("ensemble")
+    if kw.get("params") == "kronfluence":  # the parameters kronfluence tracks
+        m = trained_models(setting, 1, progress=False)[0].model
+        kw["params"] = _linear_conv_params(m)
     if ensemble == "dropout-10":
         kw["ensemble"] = etda.Dropout(members=10)
     if ensemble == "checkpoints-5":
@@ -186,12 +340,48 @@ def _etda_models(etda, setting, n_models: int, kw: dict) -> tuple[list, dict]:
     return models, kw
 
 
+def _linear_conv_params(model) -> list[str]:
+    """Names of the parameters of the model's Linear and Conv2d modules (kronfluence 1.0.1's
+    supported module types; everything else it leaves out of the influence)."""
+    from torch import nn
+
+    return [
+        f"{mod_name}.{p_name}"
+        for mod_name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear | nn.Conv2d)
+        for p_name, _ in mod.named_parameters(recurse=False)
+    ]
+
+
+def _etda_coverage(model, kw: dict) -> dict:
+    """Which parameters this etda run attributes, and how its curvature treats them."""
+    from torch import nn
+
+    params = dict(model.named_parameters())
+    chosen = kw.get("params", "all")
+    names = list(params) if chosen == "all" else [n for n in params if n in chosen]
+    kron = set(_linear_conv_params(model))
+    curvature = kw.get("curvature", "gram")
+    types = {type(m).__name__ for m in model.modules() if not list(m.children())}
+    return {
+        "params": len(names),
+        "attributed_params": sum(params[n].numel() for n in names),
+        "total_params": sum(p.numel() for p in params.values()),
+        "kronecker_factored": sum(params[n].numel() for n in names if n in kron)
+        if curvature != "gram"
+        else 0,
+        "other_params": sorted(n for n in names if n not in kron),
+        "curvature_of_others": "diagonal Fisher" if curvature != "gram" else "exact Gram",
+        "leaf_module_types": sorted(types - {nn.Sequential.__name__}),
+    }
+
+
 def _check_same_models(models) -> None:
     """The etda side must attribute the very weights the peers got (export.py digests)."""
     sys.path.insert(0, str(HERE))
     from export import digest
 
-    meta = json.loads((WORK / "meta.json").read_text())
+    meta = json.loads((SETTING_WORK / "meta.json").read_text())
     for m, rec in zip(models, meta["models"], strict=False):
         got = digest({k: v.detach().cpu().numpy() for k, v in m.state_dict().items()})
         if got != rec["digest"]:
@@ -214,7 +404,13 @@ def _run(cmd: list[str], name: str, timeout: float) -> dict:
         except subprocess.TimeoutExpired:
             rc = "timeout"
     elapsed = time.perf_counter() - t0
-    status = {"rc": rc, "process_s": elapsed, "loadavg_before": load, "log": str(log.name)}
+    status = {
+        "rc": rc,
+        "process_s": elapsed,
+        "loadavg_before": load,
+        "loadavg_after": os.getloadavg(),
+        "log": str(log.name),
+    }
     res_path = SCORES / f"{name}.json"
     if rc == 0 and res_path.exists():
         res = json.loads(res_path.read_text())
@@ -227,7 +423,11 @@ def _run(cmd: list[str], name: str, timeout: float) -> dict:
         return res
     tail = log.read_text().strip().splitlines()[-5:]
     print(f"  {name}: FAILED ({rc}): {' | '.join(tail)}", flush=True)
-    return {"config": name, "error": f"rc={rc}", "log_tail": tail, **status}
+    failed = {"config": name, "error": f"rc={rc}", "log_tail": tail, **status}
+    partial = SCORES / f"{name}.partial.json"  # a multi-model peer run stopped by the timeout
+    if rc == "timeout" and partial.exists() and partial.stat().st_mtime > time.time() - elapsed:
+        failed["partial"] = json.loads(partial.read_text())
+    return failed
 
 
 def run_all(names: list[str], reuse: bool, timeout: float) -> dict:
@@ -240,11 +440,11 @@ def run_all(names: list[str], reuse: bool, timeout: float) -> dict:
             print(f"  {name}: reused", flush=True)
             continue
         if name in ETDA:
-            cmd = [sys.executable, str(Path(__file__)), "--etda", name]
+            cmd = [sys.executable, str(Path(__file__)), "--etda", name, "--setting", SETTING]
         else:
-            extra = PEERS[name][0]
+            extra = SETTING_PEERS[SETTING][name][0]
             cmd = [str(PEER_PY), str(HERE / "run_peer.py"), name, "--threads", str(THREADS)]
-            cmd += ["--out", str(SCORES), *extra]
+            cmd += ["--work", str(SETTING_WORK), "--out", str(SCORES), *extra]
         runs[name] = _run(cmd, name, timeout)
     return runs
 
@@ -256,11 +456,14 @@ def score_all(runs: dict) -> dict:
     from etda.evaluate.lds import LDSConfig, ground_truth, lds
     from etda.settings import get_setting
 
-    setting = get_setting("fmnist-mlp")
+    setting = get_setting(SETTING)
     gt = ground_truth(setting, LDSConfig(), cache_dir="runs/lds-cache")
     out = {}
     for name, r in runs.items():
         if "error" in r:
+            if "partial" in r:  # the mean over the models finished before the timeout
+                res = lds(np.load(SCORES / f"{name}.partial.npy").astype(np.float64), gt)
+                r = dict(r, partial=dict(r["partial"], lds=res.mean, lds_sem=res.sem))
             out[name] = r
             continue
         values = np.load(SCORES / f"{name}.npy").astype(np.float64)
@@ -278,7 +481,7 @@ def score_all(runs: dict) -> dict:
 
 def _subset_sizes() -> list[int]:
     sizes = []
-    for extra, _ in PEERS.values():
+    for extra, _ in SETTING_PEERS[SETTING].values():
         if "--n-test" in extra:
             sizes.append(int(extra[extra.index("--n-test") + 1]))
     return sizes
@@ -289,6 +492,15 @@ def _subset_sizes() -> list[int]:
 
 def _fmt_lds(r: dict, n: int | None = None) -> str:
     if "error" in r:
+        if r["error"] == "rc=timeout":
+            part = r.get("partial")
+            if part and "lds" in part:
+                return (
+                    f"timed out (> {r.get('process_s', 0):.0f} s); its first "
+                    f"{part['models_done']} models' mean ({part['wall_s']:.0f} s): "
+                    f"{part['lds']:.3f} ± {part['lds_sem']:.3f}"
+                )
+            return f"timed out (> {r.get('process_s', 0):.0f} s)"
         return "not available" if str(r["error"]).startswith("not available") else "failed"
     if n is not None and r.get("n_test") != n and f"lds_first{n}" in r:
         return f"{r[f'lds_first{n}']:.3f} ± {r[f'lds_first{n}_sem']:.3f}"
@@ -302,13 +514,14 @@ def _lds_value(r: dict, n: int | None = None) -> float:
 
 
 def table(results: dict) -> str:
+    peers, etda_names = SETTING_PEERS[SETTING], SETTING_ETDA[SETTING]
     lines = [
         "| peer configuration | peer LDS ± s.e. | peer wall s | peer peak RSS MB "
         "| etda configuration | etda LDS ± s.e. | etda wall s | etda peak RSS MB "
         "| LDS peer/etda | wall peer/etda | RSS peer/etda |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for peer, (_, partners) in PEERS.items():
+    for peer, (_, partners) in peers.items():
         p = results.get(peer)
         if p is None:
             continue
@@ -317,7 +530,8 @@ def table(results: dict) -> str:
             if e is None:
                 continue
             n = p.get("n_test")
-            note = f" (first {n} test)" if n and n < 500 else ""
+            full = max((r.get("n_test") or 0) for r in results.values())
+            note = f" (first {n} test)" if n and n < full else ""
             if "error" in p or "error" in e:
                 ratios = ["–"] * 3
             else:
@@ -337,7 +551,7 @@ def table(results: dict) -> str:
         "| etda configuration | what | LDS ± s.e. | wall s | peak RSS MB |",
         "|---|---|---|---|---|",
     ]
-    for name in ETDA:
+    for name in [*etda_names, *(n for n in ETDA if n not in etda_names)]:
         e = results.get(name)
         if e is not None:
             lines.append(
@@ -345,6 +559,170 @@ def table(results: dict) -> str:
                 f"| {_num(e, 'peak_rss_mb', 0)} |"
             )
     return "\n".join(lines)
+
+
+def coverage_section(results: dict) -> str:
+    """Which modules / parameters each library attributes (from the runs' records)."""
+    lines = ["## Parameters each library covers", ""]
+    kf = next(
+        (
+            r["coverage"]
+            for r in results.values()
+            if r.get("library") == "kronfluence" and "coverage" in r
+        ),
+        None,
+    )
+    if kf is not None:
+        lines.append(
+            f"- **kronfluence** tracks {len(kf['tracked_modules'])} modules "
+            f"({', '.join(kf['tracked_types'])}), {kf['tracked_params']:,} of the model's "
+            f"{kf['total_params']:,} parameters; it leaves out "
+            + _modules(kf["untracked_params"])
+            + " (no influence through them at all)."
+        )
+    seen = set()
+    for name, r in results.items():
+        cov = r.get("coverage") if r.get("library") == "etda" else None
+        if not cov:
+            continue
+        key = (cov["attributed_params"], cov["kronecker_factored"], cov["curvature_of_others"])
+        if key in seen:
+            continue
+        seen.add(key)
+        others = cov["other_params"]
+        what = (
+            f"{cov['kronecker_factored']:,} in Kronecker-factored Linear/Conv2d layers, the "
+            f"other {len(others)} tensors with the {cov['curvature_of_others']}"
+            if cov["kronecker_factored"]
+            else f"all with the {cov['curvature_of_others']}"
+        )
+        lines.append(
+            f"- **etda** `{name}` (and the runs with the same parameters): "
+            f"{cov['attributed_params']:,} of {cov['total_params']:,} parameters ({what})"
+            + (f"; beyond kronfluence's: {_modules(others)}" if others else "")
+            + "."
+        )
+    return "\n".join(lines)
+
+
+def _modules(param_names: list[str]) -> str:
+    """Parameter names grouped by module: ``features.0.1 (bias, weight)``."""
+    mods: dict[str, list[str]] = {}
+    for n in param_names:
+        mod, _, leaf = n.rpartition(".")
+        mods.setdefault(mod, []).append(leaf)
+    if not mods:
+        return "nothing"
+    return f"{len(param_names)} tensors of {len(mods)} modules: " + ", ".join(
+        f"`{m}` ({'/'.join(sorted(leaves))})" for m, leaves in mods.items()
+    )
+
+
+def _best(results: dict, names) -> tuple[str, dict] | None:
+    ok = [(n, results[n]) for n in names if n in results and "lds" in results[n]]
+    return max(ok, key=lambda nr: nr[1]["lds"]) if ok else None
+
+
+def targets_section(results: dict) -> str:
+    """The two targets, read off the measured rows."""
+    one = [n for n, r in results.items() if r.get("models") == 1 and r.get("members", 1) == 1]
+    kf1 = _best(results, [n for n in one if n.startswith("kronfluence-") and "identity" not in n])
+    e1 = _best(results, [n for n in one if n.startswith("etda-if")])
+    kf5 = _best(results, ["kronfluence-kfac-5", "kronfluence-ekfac-5"])
+    ck = _best(results, [n for n in results if n.startswith("etda-") and n.endswith("ckpt5")])
+    lines = ["## Targets", ""]
+    if kf1 and e1:
+        (kn, k), (en, e) = kf1, e1
+        met = e["lds"] >= k["lds"] and e["wall_s"] <= k["wall_s"]
+        lines.append(
+            f"- (a) one trained model: best etda `{en}` {e['lds']:.3f} ± {e['lds_sem']:.3f} in "
+            f"{e['wall_s']:.1f} s vs best kronfluence `{kn}` {k['lds']:.3f} ± "
+            f"{k['lds_sem']:.3f} in {k['wall_s']:.1f} s: **{'met' if met else 'not met'}**."
+        )
+    if kf5 and ck:
+        (kn, k), (en, e) = kf5, ck
+        met = e["lds"] > k["lds"]
+        lines.append(
+            f"- (b) one training run + 5 checkpoints: best etda `{en}` {e['lds']:.3f} ± "
+            f"{e['lds_sem']:.3f} ({e['wall_s']:.1f} s) vs kronfluence's 5-model `{kn}` "
+            f"{k['lds']:.3f} ± {k['lds_sem']:.3f} ({k['wall_s']:.1f} s, plus 4 more trained "
+            f"models): **{'met' if met else 'not met'}**."
+        )
+    elif ck:
+        en, e = ck
+        for kn in ("kronfluence-ekfac-5", "kronfluence-kfac-5"):
+            k = results.get(kn)
+            if k is None:
+                continue
+            lines.append(
+                f"- (b) one training run + 5 checkpoints: best etda `{en}` {e['lds']:.3f} ± "
+                f"{e['lds_sem']:.3f} ({e['wall_s']:.1f} s); kronfluence's `{kn}`: "
+                f"{_fmt_lds(k)}: **not decided** (no complete 5-model run)."
+            )
+    return "\n".join(lines)
+
+
+def write_setting_results(runs: dict, t0: float, load_start, load_end) -> None:
+    """results-<setting>.json / .md for fmnist2-cnn and kjv-transformer (merged with the
+    configurations an earlier invocation already recorded)."""
+    path = HERE / f"{results_stem(SETTING)}.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    scored = {**old.get("runs", {}), **score_all(runs)}
+    invocation = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "configs": list(runs),
+        "driver_s": time.time() - t0,
+        "loadavg_start": load_start,
+        "loadavg_end": load_end,
+    }
+    peers_versions: dict = {}
+    for r in scored.values():
+        if r.get("library") in PEER_LIBRARIES:
+            peers_versions.update({k: v for k, v in r.get("versions", {}).items() if v})
+    payload = {
+        "setting": SETTING,
+        "date": invocation["date"],
+        "threads": THREADS,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "invocations": [*old.get("invocations", []), invocation],
+        "peer_versions": peers_versions,
+        "runs": scored,
+    }
+    path.write_text(json.dumps(payload, indent=1, default=float))
+    loads = "; ".join(
+        f"{inv['date']}: {_load(inv['loadavg_start'])} before, {_load(inv['loadavg_end'])} after "
+        f"({len(inv['configs'])} configurations)"
+        for inv in payload["invocations"]
+    )
+    md = table(scored)
+    header = (
+        f"# kronfluence and etda side by side on {TITLES[SETTING]}\n\n"
+        f"`benchmarks/peers/compare.py --setting {SETTING}`, {THREADS} torch threads per "
+        "process, one configuration per process, scored against etda's LDS ground truth of "
+        "this setting (50 half-size subsets, `runs/lds-cache`). "
+        f"Peers: {', '.join(f'{k} {v}' for k, v in peers_versions.items() if v)}. "
+        "Wall s: the attribution call only; peak RSS: the whole process.\n\n"
+        f"Load average (1, 5, 15 min) per invocation: {loads}.\n\n"
+    )
+    per_run = ", ".join(
+        f"{n} {_load(r['loadavg_before'][:1])}→{_load(r['loadavg_after'][:1])}"
+        for n, r in scored.items()
+        if "loadavg_before" in r and "loadavg_after" in r
+    )
+    body = "\n\n".join(
+        [
+            md,
+            coverage_section(scored),
+            targets_section(scored),
+            "## Load average per run (1 min, before → after)\n\n" + per_run,
+        ]
+    )
+    (HERE / f"{results_stem(SETTING)}.md").write_text(header + body + "\n")
+    print(md)
+
+
+def _load(avg) -> str:
+    return "/".join(f"{x:.2f}" for x in avg)
 
 
 def _num(r: dict, key: str, digits: int = 1) -> str:
@@ -355,22 +733,40 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--etda", choices=sorted(ETDA), help="(internal) run one etda config")
     parser.add_argument(
+        "--setting",
+        default=DEFAULT_SETTING,
+        choices=sorted(SETTING_PEERS),
+        help="fmnist-mlp (every peer) or fmnist2-cnn / kjv-transformer (kronfluence)",
+    )
+    parser.add_argument(
         "--only", nargs="*", choices=sorted([*PEERS, *ETDA]), help="configurations to run"
     )
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per config")
     parser.add_argument("--no-export", action="store_true")
     args = parser.parse_args(argv)
+    use_setting(args.setting)
     if args.etda:
         run_etda(args.etda, SCORES)
         return
     if not PEER_PY.exists():
         raise SystemExit(f"{PEER_PY} missing: run `bash benchmarks/peers/setup.sh` first")
     if not args.no_export:
-        subprocess.run([sys.executable, str(HERE / "export.py")], cwd=ROOT, check=True)
-    names = args.only or [*PEERS, *ETDA]
+        export = [sys.executable, str(HERE / "export.py")]
+        if SETTING != DEFAULT_SETTING:
+            export += ["--setting", SETTING]
+        subprocess.run(export, cwd=ROOT, check=True)
+    names = args.only or [*SETTING_PEERS[SETTING], *SETTING_ETDA[SETTING]]
+    unknown = [n for n in names if n not in SETTING_PEERS[SETTING] and n not in ETDA]
+    if unknown:
+        raise SystemExit(f"{', '.join(unknown)}: not a configuration of {SETTING}")
     t0 = time.time()
+    load_start = os.getloadavg()
     runs = run_all(names, args.reuse, args.timeout)
+    load_end = os.getloadavg()
+    if SETTING != DEFAULT_SETTING:
+        write_setting_results(runs, t0, load_start, load_end)
+        return
     results_path = HERE / "results.json"
     old = json.loads(results_path.read_text())["runs"] if results_path.exists() else {}
     scored = {**old, **score_all(runs)}

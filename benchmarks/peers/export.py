@@ -1,16 +1,19 @@
-"""Export the fmnist-mlp data and trained models for the peer libraries' environment.
+"""Export a setting's data and trained models for the peer libraries' environment.
 
 Run with etda's environment, from the repository root:
 
-    .venv/bin/python benchmarks/peers/export.py [--models 5]
+    .venv/bin/python benchmarks/peers/export.py [--setting fmnist-mlp] [--models 5]
 
-Writes into ``benchmarks/peers/work/`` (gitignored):
+Writes into ``benchmarks/peers/work/`` (fmnist-mlp) or ``benchmarks/peers/work/<setting>/``
+(any other setting; all gitignored):
 
-* ``data.npz``: x_train (5000, 1, 28, 28) float32, y_train int64, x_test, y_test;
+* ``data.npz``: x_train, y_train, x_test, y_test (images float32 (N, C, H, W) and labels
+  int64 (N,); for the sequence setting token ids int64 (N, T) and next-token targets (N, T));
 * ``model-<seed>.safetensors``: the state_dict of the cached trained model of each seed;
-* ``meta.json``: the MLP's constructor arguments, the setting's fingerprint and the
-  model/data digests, so the peers' side can rebuild the same module tree and check it
-  got the same inputs.
+* ``meta.json``: the model's name and constructor arguments (``mlp``: the MLP's, as
+  before), the task, the setting's fingerprint and the model/data digests, so the peers'
+  side can rebuild the same module tree (``peer_models.py``) and check it got the same
+  inputs.
 
 The peers' environment never imports etda: everything it needs is in these files.
 """
@@ -27,6 +30,13 @@ import torch
 from safetensors.torch import save_file
 
 WORK = Path(__file__).resolve().parent / "work"
+DEFAULT_SETTING = "fmnist-mlp"
+PEER_MODELS = ("mlp", "resnet9", "char-transformer")  # what run_peer.py can rebuild
+
+
+def work_dir(setting: str) -> Path:
+    """Where a setting's exported inputs and scores live (fmnist-mlp: ``work/`` itself)."""
+    return WORK if setting == DEFAULT_SETTING else WORK / setting
 
 
 def digest(arrays: dict[str, np.ndarray]) -> str:
@@ -41,23 +51,26 @@ def main(argv: list[str] | None = None) -> dict:
     from etda.zoo import trained_models
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setting", default="fmnist-mlp")
+    parser.add_argument("--setting", default=DEFAULT_SETTING)
     parser.add_argument("--models", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=WORK)
+    parser.add_argument("--out", type=Path, default=None, help="default: work_dir(setting)")
     args = parser.parse_args(argv)
+    args.out = args.out or work_dir(args.setting)
 
     torch.set_num_threads(1)
     setting = get_setting(args.setting)
-    if setting.model_name != "mlp":
+    if setting.model_name not in PEER_MODELS:
         raise SystemExit(
-            f"the peers benchmark rebuilds an MLP; {args.setting} uses {setting.model_name}"
+            f"the peers benchmark rebuilds {', '.join(PEER_MODELS)}; "
+            f"{args.setting} uses {setting.model_name}"
         )
     data = setting.data()
     args.out.mkdir(parents=True, exist_ok=True)
+    x_dtype = np.int64 if setting.task == "sequence" else np.float32  # token ids stay ints
     arrays = {
-        "x_train": data.x_train.numpy().astype(np.float32),
+        "x_train": data.x_train.numpy().astype(x_dtype),
         "y_train": data.y_train.numpy().astype(np.int64),
-        "x_test": data.x_test.numpy().astype(np.float32),
+        "x_test": data.x_test.numpy().astype(x_dtype),
         "y_test": data.y_test.numpy().astype(np.int64),
     }
     np.savez(args.out / "data.npz", **arrays)
@@ -78,19 +91,27 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {
         "setting": setting.name,
         "fingerprint": setting.fingerprint(),
-        "mlp": {
-            "in_features": int(kw.get("in_features", 784)),
-            "hidden": [int(h) for h in kw.get("hidden", (128, 128))],
-            "num_classes": int(kw.get("num_classes", 10)),
-            "dropout": float(kw.get("dropout", 0.1)),
-        },
+        "task": setting.task,
+        "model": {"name": setting.model_name, "kwargs": _plain(kw)},
         "data_digest": digest(arrays),
         "shapes": {k: list(v.shape) for k, v in arrays.items()},
         "models": models,
     }
+    if setting.model_name == "mlp":
+        meta["mlp"] = {
+            "in_features": int(kw.get("in_features", 784)),
+            "hidden": [int(h) for h in kw.get("hidden", (128, 128))],
+            "num_classes": int(kw.get("num_classes", 10)),
+            "dropout": float(kw.get("dropout", 0.1)),
+        }
     (args.out / "meta.json").write_text(json.dumps(meta, indent=1))
     print(f"exported {len(models)} models and data to {args.out}")
     return meta
+
+
+def _plain(kw: dict) -> dict:
+    """Constructor arguments as JSON values (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
-"""Run ONE peer-library attribution configuration on the exported fmnist-mlp inputs.
+"""Run ONE peer-library attribution configuration on a setting's exported inputs.
 
 Run with the peers' environment (never etda's), from the repository root:
 
     benchmarks/peers/.venv-peers/bin/python benchmarks/peers/run_peer.py CONFIG \
-        [--threads 2] [--n-test N] [--out benchmarks/peers/work/scores]
+        [--threads 2] [--n-test N] [--work benchmarks/peers/work] \
+        [--out benchmarks/peers/work/scores]
 
-CONFIG is one of ``CONFIGS`` below. Inputs come from ``benchmarks/peers/work/`` (written by
-``export.py``); etda is not imported here. Writes ``<out>/<CONFIG>.npy``: scores
+CONFIG is one of ``CONFIGS`` below. Inputs come from ``--work`` (written by ``export.py``:
+``work/`` for fmnist-mlp, ``work/<setting>/`` for the others); etda is not imported here
+(the CNN and transformer definitions are copies, in ``peer_models.py``).
+Writes ``<out>/<CONFIG>.npy``: scores
 (n_test, n_train) float32 in etda's orientation and sign (row = test example, column =
 training example, positive = the training example helps the test prediction), and
 ``<out>/<CONFIG>.json``: wall time (scoring only: building the attributor, featurizing,
@@ -28,7 +31,9 @@ Orientation and sign, per library (checked by reading their code):
   kronfluence's own CIFAR example), so positive = the training example raises the margin
   (helps): already etda's orientation and sign, kept as is. Checked on a tiny MLP: a
   training example identical to the query scores positive and near the top of its row, the
-  same input with another label as query scores it negative.
+  same input with another label as query scores it negative. For the sequence task
+  (kjv-transformer) the measurement is the summed token NLL, i.e. minus the sequence
+  log-likelihood etda's ground truth records: positive = helps there too.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-WORK = Path(__file__).resolve().parent / "work"
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "work"
 
 # name -> (library, description)
 CONFIGS = {
@@ -115,8 +121,15 @@ def load_inputs(work: Path, n_models: int, n_test: int | None):
     return meta, data, states
 
 
-def make_model(meta: dict, state: dict) -> MLP:
-    m = MLP(**meta["mlp"])
+def make_model(meta: dict, state: dict) -> nn.Module:
+    spec = meta.get("model", {"name": "mlp"})
+    if spec["name"] == "mlp":
+        m = MLP(**meta["mlp"])
+    else:  # the CNN / transformer of the other settings: copies of etda's classes
+        sys.path.insert(0, str(HERE))
+        from peer_models import MODELS
+
+        m = MODELS[spec["name"]](**spec["kwargs"])
     m.load_state_dict(state)
     return m.eval()
 
@@ -287,23 +300,43 @@ def run_dattri_if(meta, data, states, test_batch: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- kronfluence
 
 
-def _kronfluence_task():
+def _kronfluence_task(task: str = "classification"):
     """kronfluence Task: training loss = summed cross-entropy (true labels, or labels sampled
-    from the model for the true Fisher when ``sample``, as kronfluence's examples do);
-    measurement = minus the summed margin ``logit_y - logsumexp(other logits)``, the quantity
-    etda's LDS ground truth records (etda.task.ClassificationTask.output), negated because
-    kronfluence's scores are positive when the training example LOWERS the measurement."""
+    from the model for the true Fisher when ``sample``, as kronfluence's examples do; for the
+    sequence task summed over every token, each next token drawn from the model).
+
+    Measurement: the quantity etda's LDS ground truth records (``Setting.output``), negated
+    because kronfluence's scores are positive when the training example LOWERS the
+    measurement. Classification: minus the summed margin ``logit_y - logsumexp(other
+    logits)``; sequence: minus the sequence log-likelihood ``sum_t log p(y_t | x_<=t)``,
+    i.e. the summed token cross-entropy (kronfluence's language-model examples measure the
+    same summed token loss)."""
     from kronfluence.task import Task
+
+    def train_loss(logits, y, sample):
+        logits, y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+        if sample:
+            with torch.no_grad():
+                probs = nn.functional.softmax(logits.detach(), dim=-1)
+                y = torch.multinomial(probs, num_samples=1).flatten()
+        return nn.functional.cross_entropy(logits, y, reduction="sum")
+
+    class SequenceTask(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            x, y = batch
+            return train_loss(model(x), y, sample)
+
+        def compute_measurement(self, batch, model):
+            x, y = batch
+            logits = model(x)
+            return nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
+            )
 
     class MarginTask(Task):
         def compute_train_loss(self, batch, model, sample=False):
             x, y = batch
-            logits = model(x)
-            if sample:
-                with torch.no_grad():
-                    probs = nn.functional.softmax(logits.detach(), dim=-1)
-                    y = torch.multinomial(probs, num_samples=1).flatten()
-            return nn.functional.cross_entropy(logits, y, reduction="sum")
+            return train_loss(model(x), y, sample)
 
         def compute_measurement(self, batch, model):
             x, y = batch
@@ -312,16 +345,27 @@ def _kronfluence_task():
             others = logits.scatter(1, y[:, None], float("-inf")).logsumexp(dim=-1)
             return -(correct - others).sum()
 
-    return MarginTask()
+    return SequenceTask() if task == "sequence" else MarginTask()
 
 
 def run_kronfluence(
-    meta, data, states, batch: int, strategy: str, damping: float | None, out_dir: Path
+    meta,
+    data,
+    states,
+    batch: int,
+    strategy: str,
+    damping: float | None,
+    out_dir: Path,
+    partial: Path | None = None,
 ) -> np.ndarray:
     """Fit ``strategy`` factors and compute pairwise scores per model; mean over models.
 
     ``damping=None`` is kronfluence's heuristic (0.1 x the mean eigenvalue, per module);
-    kronfluence 1.0.1's ``ScoreArguments`` default is a fixed 1e-8 instead."""
+    kronfluence 1.0.1's ``ScoreArguments`` default is a fixed 1e-8 instead. ``partial``
+    (several models): after each model, the mean so far goes to ``<partial>.npy`` and the
+    models done and seconds since the start to ``<partial>.json``, so a run stopped by the
+    driver's timeout still tells how far it got."""
+    t0 = time.perf_counter()
     import logging
 
     from kronfluence.analyzer import Analyzer, prepare_model
@@ -331,10 +375,12 @@ def run_kronfluence(
     shutil.rmtree(out_dir, ignore_errors=True)
     train = torch.utils.data.TensorDataset(data["x_train"], data["y_train"])
     test = torch.utils.data.TensorDataset(data["x_test"], data["y_test"])
-    task = _kronfluence_task()
+    task = _kronfluence_task(meta.get("task", "classification"))
     total = None
     for k, state in enumerate(states):
         model = prepare_model(make_model(meta, state), task)  # eval mode, params frozen
+        if k == 0:
+            KF_COVERAGE.update(_tracked(model))
         analyzer = Analyzer(
             analysis_name=f"model{k}",
             model=model,
@@ -363,8 +409,34 @@ def run_kronfluence(
         )
         s = analyzer.load_pairwise_scores(strategy)["all_modules"].to(torch.float64)
         total = s if total is None else total + s
+        if partial is not None and len(states) > 1:
+            np.save(f"{partial}.npy", (total / (k + 1)).numpy().astype(np.float32))
+            done = {"models_done": k + 1, "wall_s": time.perf_counter() - t0}
+            Path(f"{partial}.json").write_text(json.dumps(done))
     shutil.rmtree(out_dir, ignore_errors=True)
     return (total / len(states)).numpy().astype(np.float32)  # (n_test, n_train)
+
+
+KF_COVERAGE: dict = {}  # which modules kronfluence tracked (filled by run_kronfluence)
+
+
+def _tracked(model: nn.Module) -> dict:
+    """The modules kronfluence wrapped (its supported types: Linear, Conv2d) and the share of
+    the model's parameters they hold; the other parameters get no influence at all."""
+    from kronfluence.module.tracked_module import TrackedModule
+
+    tracked = {n: m for n, m in model.named_modules() if isinstance(m, TrackedModule)}
+    covered = {id(p) for m in tracked.values() for p in m.original_module.parameters()}
+    # the model's own parameters (not the scalar each TrackedModule adds for its hooks)
+    params = {n: p for n, p in model.named_parameters() if not n.endswith("._constant")}
+    untracked = sorted(n for n, p in params.items() if id(p) not in covered)
+    return {
+        "tracked_modules": sorted(tracked),
+        "tracked_types": sorted({type(m.original_module).__name__ for m in tracked.values()}),
+        "tracked_params": sum(p.numel() for p in params.values() if id(p) in covered),
+        "total_params": sum(p.numel() for p in params.values()),
+        "untracked_params": [n.replace(".original_module", "") for n in untracked],
+    }
 
 
 # ----------------------------------------------------------------------------- main
@@ -420,8 +492,11 @@ def main(argv: list[str] | None = None) -> dict:
         scores = run_dattri_if(meta, data, states, args.batch)
     elif name.startswith("kronfluence-"):
         strategy = name.split("-")[1]  # kfac | ekfac | identity
+        partial = args.out / f"{name}.partial"
+        for suffix in (".npy", ".json"):
+            Path(f"{partial}{suffix}").unlink(missing_ok=True)
         scores = run_kronfluence(
-            meta, data, states, args.batch, strategy, damping, args.work / f"kf-{name}"
+            meta, data, states, args.batch, strategy, damping, args.work / f"kf-{name}", partial
         )
     else:  # pragma: no cover - argparse restricts the choices
         raise SystemExit(f"unknown config {name}")
@@ -444,6 +519,8 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_rss_mb": peak_rss_mb(),
         "finite": bool(np.isfinite(scores).all()),
         "versions": versions(),
+        **({"coverage": KF_COVERAGE} if KF_COVERAGE else {}),
+        "setting": meta.get("setting"),
         "argv": sys.argv[1:],
         "pid": os.getpid(),
     }

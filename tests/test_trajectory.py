@@ -144,3 +144,14 @@ def test_a_built_in_setting_continues_its_run(tmp_path) -> None:
     assert scores.costs.train_s >= 0.5 * tm.seconds
     one, _ = run_attribution("digits-logreg", "graddot", "forks", members=1, **kw)
     assert one.values.shape == scores.values.shape
+
+
+def test_trained_members_count_as_stored_models() -> None:
+    from etda.cost import weights_bytes
+
+    base = trained()
+    one = weights_bytes(base)
+    snaps = etda.attribute(base, TRAIN, TEST, ensemble=etda.Snapshots(2), **OPTS)
+    assert snaps.costs.weights_bytes == 3 * one  # the base model and two snapshots
+    forks = etda.attribute(base, TRAIN, TEST, ensemble=etda.Forks(2, epochs=0), **OPTS)
+    assert forks.costs.weights_bytes == one  # untrained forks are the base model

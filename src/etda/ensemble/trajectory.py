@@ -165,11 +165,13 @@ class Snapshots(_Continuation):
             for j in range(self.n_members):
                 s = member_seed(seed, k, j)
                 seconds = self._train(current, ctx, self.epochs, self.schedule, s, None)
+                snapshot = copy.deepcopy(current)
                 yield Member(
-                    copy.deepcopy(current),
+                    snapshot,
                     s,
                     f"model{k}-snapshot{j}",
                     train_s=seconds,
+                    extra_weight_names=_all_weights(snapshot),  # a new model to keep
                     model_index=k,
                     info={"cycle": j, "train_seed": s},
                 )
@@ -255,6 +257,7 @@ class Forks(_Continuation):
                     s,
                     f"model{k}-fork{j}",
                     train_s=seconds,
+                    extra_weight_names=_all_weights(fork) if self.epochs else [],
                     model_index=k,
                     info={"train_seed": s, "subset": self.subset},
                 )
@@ -285,3 +288,8 @@ def _with(ens: _Continuation, **changes: Any) -> Any:
     for name, value in changes.items():
         setattr(out, name, value)
     return out
+
+
+def _all_weights(model: nn.Module) -> list[str]:
+    """Every parameter: a trained member is a whole model to store (its space cost)."""
+    return [name for name, _ in model.named_parameters()]

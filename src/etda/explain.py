@@ -737,7 +737,8 @@ def print_tokens(te: TokenExplanation, console: Any = None) -> None:
     for t, (tok, top) in enumerate(zip(te.tokens, te.top, strict=True)):
         if top:
             lines = "\n".join(_proponent_line(ex) for ex in top)
-            table.add_row(str(t + 1), repr(tok), f"{logp[t]:.2f}", lines)
+            lp = f"{logp[t]:.2f}" if np.isfinite(logp[t]) else "–"
+            table.add_row(str(t + 1), repr(tok), lp, lines)
     console.print(table)
     if "output_line" not in te.info:
         console.print(f"costs: {te.scores.costs.summary()}")

@@ -155,3 +155,19 @@ def test_trained_members_count_as_stored_models() -> None:
     assert snaps.costs.weights_bytes == 3 * one  # the base model and two snapshots
     forks = etda.attribute(base, TRAIN, TEST, ensemble=etda.Forks(2, epochs=0), **OPTS)
     assert forks.costs.weights_bytes == one  # untrained forks are the base model
+
+
+def test_curvature_with_trajectory_members_is_the_mean_of_its_members() -> None:
+    # K-FAC influence over snapshots: each member fits its own curvature; Mean combines
+    base = trained()
+    ens = etda.Snapshots(2, epochs=1, lr=0.05)
+    opts = dict(dtype="float64")
+    kfac = etda.get_method("if", curvature="kfac", fisher="empirical", damping=1e-3)
+    got = etda.attribute(base, TRAIN, TEST, kfac, ens, **opts)
+    model, singles = trained(), []
+    for j in range(2):
+        recipe = TrainRecipe(lr=0.05, epochs=1, lr_schedule="linear")
+        train_model(model, *TRAIN, recipe, seed=member_seed(0, 0, j))
+        snap = copy.deepcopy(model).eval()
+        singles.append(etda.attribute(snap, TRAIN, TEST, kfac, **opts).values)
+    np.testing.assert_allclose(got.values, np.mean(singles, 0), rtol=1e-9, atol=1e-12)

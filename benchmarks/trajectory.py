@@ -97,7 +97,11 @@ def markdown(r: dict) -> str:
         f"Measured {r['machine']['date']} with `python -m benchmarks.trajectory --setting "
         f"{r['setting']}` ({r['machine']['threads']} torch threads, load "
         f"{r['load_before']:.1f} before, {r['load_after']:.1f} after). LDS over 50 retrained "
-        "half subsets; ratios against the naive 5-model ensemble of the same method.",
+        "half subsets; ratios against the naive 5-model ensemble of the same method. Rows may "
+        "come from several invocations (`--only`): their seconds follow each invocation's load "
+        "on a shared machine, so read serve ratios as rough; the training column (in runs of "
+        "the recipe) is exact. Model MB: the weights an ensemble keeps (checkpoints, snapshots "
+        "and forks are whole models; snapshots and forks also keep the base).",
         "",
         "| method | configuration | LDS ± s.e. | training (runs) | train s | serve s | model MB "
         "| training / naive 5 | serve / naive 5 | model bytes / naive 5 |",

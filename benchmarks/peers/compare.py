@@ -116,6 +116,18 @@ ETDA |= {
         {"method": "if", "curvature": "ekfac", "measure": "output"},
         "IF, EK-FAC curvature, test output measured, 1 model",
     ),
+    # etda's default memory_budget (2 GiB) refuses the dense EK-FAC / K-FAC features of the
+    # transformer ("the scores ... do not fit the memory budget"); the same with 8 GB
+    "etda-if-ekfac-output-1-8gb": (
+        1,
+        {"method": "if", "curvature": "ekfac", "measure": "output", "memory_budget": "8GB"},
+        "IF, EK-FAC curvature, test output measured, memory_budget 8GB, 1 model",
+    ),
+    "etda-if-kfac-output-1-8gb": (
+        1,
+        {"method": "if", "curvature": "kfac", "measure": "output", "memory_budget": "8GB"},
+        "IF, K-FAC curvature, test output measured, memory_budget 8GB, 1 model",
+    ),
     "etda-if-ekfac-empirical-output-1": (
         1,
         {"method": "if", "curvature": "ekfac", "fisher": "empirical", "measure": "output"},
@@ -174,11 +186,15 @@ PEERS = {
 }
 # the kronfluence rows of the other settings and their etda partners
 KF_PEERS = {
-    "kronfluence-kfac-1": ([], ["etda-if-kfac-output-1", "etda-if-kfac-1", "etda-if-1"]),
+    "kronfluence-kfac-1": (
+        [],
+        ["etda-if-kfac-output-1", "etda-if-kfac-output-1-8gb", "etda-if-kfac-1", "etda-if-1"],
+    ),
     "kronfluence-ekfac-1": (
         [],
         [
             "etda-if-ekfac-output-1",
+            "etda-if-ekfac-output-1-8gb",
             "etda-if-ekfac-empirical-output-1",
             "etda-if-ekfac-output-kfparams-1",
             "etda-if-ekfac-1",
@@ -212,6 +228,8 @@ _KF_ETDA = [
     "etda-if-kfac-output-1",
     "etda-if-ekfac-1",
     "etda-if-ekfac-output-1",
+    "etda-if-ekfac-output-1-8gb",
+    "etda-if-kfac-output-1-8gb",
     "etda-if-ekfac-empirical-1",
     "etda-if-ekfac-empirical-output-1",
     "etda-if-ekfac-output-kfparams-1",
@@ -525,6 +543,11 @@ def table(results: dict) -> str:
         p = results.get(peer)
         if p is None:
             continue
+        if not any(partner in results for partner in partners):  # no partner was run
+            lines.append(
+                f"| {peer} | {_fmt_lds(p)} | {_num(p, 'wall_s')} | {_num(p, 'peak_rss_mb', 0)} "
+                f"| {' / '.join(partners)} (not run) | – | – | – | – | – | – |"
+            )
         for partner in partners:
             e = results.get(partner)
             if e is None:

@@ -355,3 +355,16 @@ def test_top_k_on_engine_scores(scores):
 def test_top_bad_k_is_refused(k):
     with pytest.raises(ValueError, match=r"k must be an integer >= 0"):
         etda.Scores(np.arange(6.0).reshape(2, 3), "graddot").top(k)
+
+
+def test_scoring_out_of_budget_names_what_holds_the_memory() -> None:
+    # small scores but a process that already fills the budget: the advice is the budget,
+    # not scores_out (which would not help)
+    from etda.engine.memory import MemoryBudgetError, MemoryModel
+    from etda.engine.scorers import _in_memory_advice
+
+    err = MemoryBudgetError("no block fits")
+    small = _in_memory_advice(err, 200, 2000, 200 * 2000 * 8, MemoryModel(2 * 1024**3))
+    assert "already holds" in small and "memory_budget" in small and "scores_out" not in small
+    big = _in_memory_advice(err, 10**4, 10**5, 8 * 10**9, MemoryModel(2 * 1024**3))
+    assert "scores_out" in big

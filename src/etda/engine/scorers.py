@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from etda.engine.memory import MemoryBudgetError, MemoryModel
+from etda.engine.memory import MemoryBudgetError, MemoryModel, rss_bytes
 from etda.features.blocks import StreamedFeatures, TrainFeatures
 from etda.io import bar_off
 from etda.methods.base import CombineRule, MemberFactors, block_scores
@@ -94,6 +94,26 @@ class DenseScorer:
         if self.total is None:
             raise ValueError("no members were scored")
         return Combined(self.rule.finish(self.total, self.count, self.q_total).numpy())
+
+
+def _in_memory_advice(
+    e: MemoryBudgetError, n_test: int, n_train: int, dense_bytes: int, memory: MemoryModel
+) -> str:
+    """What to change when in-memory scores cannot be blocked within the budget: the scores
+    themselves, or what the process already holds (e.g. wide features of earlier members)."""
+    held, budget = rss_bytes() / 2**20, memory.budget / 2**20
+    if dense_bytes < memory.budget / 4:
+        return (
+            f"the process already holds {held:.0f} MiB of the memory budget ({budget:.0f} MiB), "
+            f"which leaves no room to score ({n_test} x {n_train} scores, "
+            f"{dense_bytes / 2**20:.0f} MiB): raise memory_budget (CLI --max-memory). ({e})"
+        )
+    return (
+        f"the scores ({n_test} x {n_train}, {dense_bytes / 2**20:.0f} MiB) do not fit the "
+        f"memory budget ({budget:.0f} MiB; the process holds {held:.0f} MiB): pass "
+        "scores_out=PATH (CLI --scores-out) to write them to disk block by block, with top-k "
+        "in memory, or raise memory_budget"
+    )
 
 
 class SharedKernelScorer:
@@ -212,14 +232,10 @@ class BlockedScorer:
             fixed += dense_bytes
         try:
             block = self.memory.score_block(n_test, widths, fixed, n_train)
-        except MemoryBudgetError:
+        except MemoryBudgetError as e:
             if in_memory:
-                raise MemoryBudgetError(
-                    f"the scores ({n_test} x {n_train}, {dense_bytes / 2**20:.0f} MiB) do not "
-                    f"fit the memory budget ({self.memory.budget / 2**20:.0f} MiB): pass "
-                    "scores_out=PATH (CLI --scores-out) to write them to disk block by block, "
-                    "with top-k in memory"
-                ) from None
+                advice = _in_memory_advice(e, n_test, n_train, dense_bytes, self.memory)
+                raise MemoryBudgetError(advice) from None
             raise
         writer = _ScoresFile(Path(self.out), n_test, n_train) if self.out is not None else None
         values = None if writer is not None else np.empty((n_test, n_train), dtype=np.float64)

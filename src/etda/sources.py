@@ -75,12 +75,16 @@ def _inputs(x: Any, name: str, batched: bool = True) -> batch.Inputs:
     return _tensor(x)
 
 
-def _from_loader(loader: DataLoader, name: str) -> tuple[batch.Inputs, Tensor]:
+def _refuse_shuffling(loader: DataLoader, name: str) -> None:
     if isinstance(loader.sampler, RandomSampler):
         raise ValueError(
             f"the {name} DataLoader shuffles (shuffle=True): example indices must be the dataset "
             "order, so pass a loader with shuffle=False (or the dataset itself)"
         )
+
+
+def _from_loader(loader: DataLoader, name: str) -> tuple[batch.Inputs, Tensor]:
+    _refuse_shuffling(loader, name)
     return _from_items(list(loader), name, batched=True)
 
 
@@ -142,8 +146,7 @@ def as_source(data: object, name: str) -> tuple[batch.Inputs, Tensor]:
     if isinstance(data, tuple | list) and len(data) == 2 and batch.is_lazy(data[0]):
         return data[0], data[1]  # already a source (self-influence passes its own)
     if isinstance(data, DataLoader):
-        if isinstance(data.sampler, RandomSampler):
-            _from_loader(data, name)  # raises the shuffling error
+        _refuse_shuffling(data, name)
         return _scan(_BatchReader(data, name), name)
     if isinstance(data, Dataset) and not isinstance(data, Iterable):
         return _scan(_ItemReader(data, name), name)

@@ -161,13 +161,7 @@ def counterfactual(
 
     set_threads(threads)
     percents = _floats(percent, "--percent")
-    refs = {
-        "model": model_ref,
-        "train": train_ref,
-        "test": test_ref,
-        "train_fn": train_fn_ref,
-        "task": task_ref,
-    }
+    refs = _refs(model_ref, train_ref, test_ref, train_fn_ref, task_ref)
     with _user_errors():
         target = _target(setting, refs)
         scores = _scores(target, refs, _methods(method), ensemble, members, model_dir, progress)
@@ -247,13 +241,7 @@ def clean(
 
     set_threads(threads)
     fractions = [p / 100 for p in _floats(percent, "--percent")]
-    refs = {
-        "model": model_ref,
-        "train": train_ref,
-        "test": test_ref,
-        "train_fn": train_fn_ref,
-        "task": task_ref,
-    }
+    refs = _refs(model_ref, train_ref, test_ref, train_fn_ref, task_ref)
     with _user_errors():
         target = _target(setting, refs, noise)
         scores = _scores(target, refs, _methods(method), ensemble, members, model_dir, progress)
@@ -305,6 +293,13 @@ def clean(
         f"{c['models']} models ({c['cached']} cached, {c['trained']} trained now, "
         f"{c['train_seconds']:.0f} s of training); cache {c['cache']}"
     )
+
+
+def _refs(
+    model: str | None, train: str | None, test: str | None, train_fn: str | None, task: str | None
+) -> dict:
+    """The user-code references of a command (None: a built-in setting)."""
+    return {"model": model, "train": train, "test": test, "train_fn": train_fn, "task": task}
 
 
 def _target(setting: str, refs: dict, noise: float = 0.0) -> Any:

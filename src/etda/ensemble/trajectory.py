@@ -55,6 +55,7 @@ class _Continuation(Ensemble):
         members: int,
         epochs: int,
         lr: float,
+        schedule: str,
         optimizer: str,
         batch_size: int,
         weight_decay: float,
@@ -62,11 +63,13 @@ class _Continuation(Ensemble):
         train_fn: TrainFn | None,
     ) -> None:
         check_members(members)
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
             raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
-        self.n_members, self.epochs, self.lr = members, epochs, float(lr)
+        self.n_members, self.epochs, self.lr, self.schedule = members, epochs, float(lr), schedule
         self.optimizer, self.batch_size, self.weight_decay = optimizer, batch_size, weight_decay
         self.seed, self.train_fn = seed, train_fn
 
@@ -76,30 +79,35 @@ class _Continuation(Ensemble):
     def key_parts(self) -> list[str]:
         return [f"e{self.epochs}lr{self.lr:g}"]
 
+    @staticmethod
+    def _data(ctx: BuildContext) -> tuple[Any, Any]:
+        """The training set in memory, in the run's dtype, read once for all members
+        (shuffled minibatches need random access, also for streamed data)."""
+        return batch.cast(batch.materialize(ctx.x_train), ctx.dtype), ctx.y_train
+
     def _train(
-        self, model: nn.Module, ctx: BuildContext, epochs: int, schedule: str, seed: int, keep: Any
+        self, model: nn.Module, ctx: BuildContext, data: tuple, seed: int, keep: Any
     ) -> float:
-        """Train ``model`` in place for ``epochs`` on the kept examples; return seconds."""
+        """Train ``model`` in place for ``self.epochs`` at ``self.schedule`` on the kept
+        examples of ``data`` (None: all); return the seconds."""
         from etda.train import TrainRecipe, train_model
 
-        x = batch.materialize(ctx.x_train)  # shuffled minibatches need random access
-        y = ctx.y_train
+        x, y = data
         if keep is not None:
             index = torch.as_tensor(np.flatnonzero(keep))
             x, y = batch.select(x, index), y[index]
-        x = batch.cast(x, ctx.dtype)
         t0 = time.perf_counter()
         model.train()
         if self.train_fn is not None:
             self.train_fn(model, x, y, seed)
-        elif epochs > 0:
+        elif self.epochs > 0:
             recipe = TrainRecipe(
                 optimizer=self.optimizer,
                 lr=self.lr,
                 weight_decay=self.weight_decay,
-                epochs=epochs,
+                epochs=self.epochs,
                 batch_size=self.batch_size,
-                lr_schedule="linear" if schedule == "cyclic" else "constant",
+                lr_schedule="linear" if self.schedule == "cyclic" else "constant",
             )
             train_model(model, x, y, recipe, seed=seed, task=ctx.task)
         model.eval()
@@ -132,12 +140,12 @@ class Snapshots(_Continuation):
         train_fn: TrainFn | None = None,
         tail: float | None = 0.25,
     ) -> None:
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if tail is not None and not 0 < tail <= 1:
             raise ValueError(f"tail must be a fraction of the run in (0, 1], got {tail!r}")
-        super().__init__(members, epochs, lr, optimizer, batch_size, weight_decay, seed, train_fn)
-        self.schedule, self.tail = schedule, tail
+        super().__init__(
+            members, epochs, lr, schedule, optimizer, batch_size, weight_decay, seed, train_fn
+        )
+        self.tail = tail
 
     def key_parts(self) -> list[str]:
         return [*super().key_parts(), self.schedule, *([f"tail{self.tail:g}"] if self.tail else [])]
@@ -160,11 +168,12 @@ class Snapshots(_Continuation):
 
     def members(self, models: list[nn.Module], ctx: BuildContext) -> Iterator[Member]:
         seed = ctx.seed if self.seed is None else self.seed
+        data = self._data(ctx)
         for k, model in enumerate(models):
             current = prepared_copy(model, ctx.dtype)
             for j in range(self.n_members):
                 s = member_seed(seed, k, j)
-                seconds = self._train(current, ctx, self.epochs, self.schedule, s, None)
+                seconds = self._train(current, ctx, data, s, None)
                 snapshot = copy.deepcopy(current)
                 yield Member(
                     snapshot,
@@ -208,12 +217,12 @@ class Forks(_Continuation):
     ) -> None:
         if subset is not None and not 0 < subset <= 1:
             raise ValueError(f"subset must be a fraction in (0, 1], got {subset!r}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if at is not None and not 0 <= at <= 1:
             raise ValueError(f"at must be a fraction of the run in [0, 1], got {at!r}")
-        super().__init__(members, epochs, lr, optimizer, batch_size, weight_decay, seed, train_fn)
-        self.subset, self.schedule, self.at = subset, schedule, at
+        super().__init__(
+            members, epochs, lr, schedule, optimizer, batch_size, weight_decay, seed, train_fn
+        )
+        self.subset, self.at = subset, at
 
     def key_parts(self) -> list[str]:
         parts = [*super().key_parts(), *([f"sub{self.subset:g}"] if self.subset else [])]
@@ -246,12 +255,13 @@ class Forks(_Continuation):
 
     def members(self, models: list[nn.Module], ctx: BuildContext) -> Iterator[Member]:
         seed = ctx.seed if self.seed is None else self.seed
+        data = self._data(ctx)
         for k, model in enumerate(models):
             for j in range(self.n_members):
                 s = member_seed(seed, k, j)
                 fork = prepared_copy(model, ctx.dtype)
                 keep = self.keep_mask(batch.n_rows(ctx.x_train), s)
-                seconds = self._train(fork, ctx, self.epochs, self.schedule, s, keep)
+                seconds = self._train(fork, ctx, data, s, keep)
                 yield Member(
                     fork,
                     s,

@@ -95,6 +95,16 @@ def _tensor(a: Any) -> Any:
         return torch.from_numpy(a)
 
 
+def _shared_inputs(ex: Any, split: Any) -> tuple[Any, Any]:
+    """What every shard job of ``split`` carries: streamed inputs themselves (each job reads
+    its own rows), ``(None, None)`` for dict inputs (slices per job), else shared arrays."""
+    if batch.is_lazy(split.x):
+        return split.x, split.y
+    if batch.is_dict(split.x):
+        return None, None
+    return ex.share(split.x.numpy()), ex.share(split.y.numpy())
+
+
 def _shards(ranges: list[tuple[int, int]], count: int) -> list[list[tuple[int, int]]]:
     """Consecutive ranges grouped into at most ``count`` shards of similar row counts."""
     if not ranges:
@@ -151,13 +161,7 @@ def featurize_parallel(
                 for shard in _shards(ranges, count):
                     lo, hi = shard[0][0], shard[-1][1]
                     if name not in shared:
-                        shared[name] = (
-                            (split.x, split.y)  # streamed: each job reads its own rows
-                            if batch.is_lazy(split.x)
-                            else (None, None)  # dict inputs: slices per job
-                            if batch.is_dict(split.x)
-                            else (ex.share(split.x.numpy()), ex.share(split.y.numpy()))
-                        )
+                        shared[name] = _shared_inputs(ex, split)
                     sx, sy = shared[name]
                     data = (
                         (sx, sy, 0)

@@ -28,18 +28,21 @@ def test_setting_sweeps() -> None:
 
     assert get_sweep(setting="fmnist-mlp") is FULL and get_sweep(True, setting="x") is QUICK
     kjv = get_sweep(setting="kjv-transformer")
+    assert get_sweep(setting="kjv-gpt2") is kjv  # one sweep for the text settings
     keys = {c.key for c in kjv.configs}
     assert len(keys) == len(kjv.configs)
-    # the generative benchmark of issue 6, on TensorSketch features, 2 seeds per subset
-    for method in ("trak", "gradcos"):
+    # every method over naive 1/5, checkpoints and LoRA, on TensorSketch features
+    for method in ("trak", "if", "gradcos", "graddot"):
         for k in (1, 5):
             assert f"{method}/none/k{k}/m1/d2048/factored" in keys
-        for m in (10, 20):
-            assert f"{method}/dropout/k1/m{m}/d2048/factored" in keys
-        for m in (4, 8):
-            assert f"{method}/lora/k1/m{m}/d2048/factored/r8e2" in keys
-        assert f"{method}/dropout/k2/m10/d2048/factored" in keys
-    assert not kjv.mislabel and kjv.seeds_per_subset == 2 and kjv.n_subsets == 40
+        assert f"{method}/lora/k1/m8/d2048/factored/r8e2" in keys
+    for method in ("trak", "if", "gradcos"):
+        assert f"{method}/checkpoints/k1/m5/d2048/factored" in keys
+    assert "tracin/none/k1/m1/d2048/factored" in keys
+    assert "trak/dropout/k1/m10/d2048/factored" in keys
+    assert "trak/none/k1/m1/d2048/factored/damptrace:0.1" in keys
+    # two seeds per subset: averaged in the ground truth, and its noise ceiling
+    assert not kjv.mislabel and kjv.seeds_per_subset == 2 and kjv.n_subsets == 50
     assert not get_sweep(True, setting="kjv-transformer").mislabel
     cnn = {c.key for c in get_sweep(setting="fmnist2-cnn").configs}
     for key in ("trak/none/k8/m1", "trak/dropout/k1/m10", "trak/dropout/k2/m5", "if/none/k4/m1"):

@@ -24,6 +24,7 @@ from etda.evaluate import (
     ground_truth,
     lds,
     load_ground_truth,
+    noise_ceiling,
     spearman_rows,
 )
 from etda.parallel import InProcess, LocalProcesses
@@ -95,6 +96,37 @@ def test_lds_of_perfect_linear_datamodel_is_one() -> None:
     assert lds(-values, gt).mean == pytest.approx(-1.0, abs=1e-12)
     with pytest.raises(ValueError, match=r"needs \(n_test, n_train\) = \(7, 40\)"):
         lds(values.T, gt)
+
+
+def test_noise_ceiling_of_repeated_retrainings() -> None:
+    """Two retrainings = true effect + independent noise of equal variance: they correlate
+    at about 1/2, and the true effect reaches the predicted maximum LDS on their average."""
+    rng = np.random.default_rng(5)
+    S, n_test, n_train = 400, 60, 30
+    values = rng.normal(size=(n_test, n_train))
+    masks = rng.random((S, n_train)) < 0.5
+    signal = masks.astype(float) @ values.T  # (S, n_test)
+    scale = signal.std(axis=0)
+    reps = np.stack([signal + scale * rng.normal(size=signal.shape) for _ in range(2)], axis=1)
+    gt = GroundTruth(
+        masks,
+        reps.mean(1),
+        LDSConfig(n_subsets=S, seeds_per_subset=2),
+        "synthetic",
+        "-",
+        0.0,
+        repeat_outputs=reps,
+    )
+    nc = noise_ceiling(gt)
+    assert nc.repeats == 2 and nc.between_repeats.per_test.shape == (n_test,)
+    assert nc.between_repeats.mean == pytest.approx(0.5, abs=0.05)
+    assert nc.max_lds == pytest.approx(np.sqrt(2 * 0.5 / 1.5), abs=0.04)
+    assert lds(values, gt).mean == pytest.approx(nc.max_lds, abs=0.04)  # the truth hits it
+    # identical repeats: a noise-free ground truth
+    same = dataclasses.replace(gt, repeat_outputs=np.stack([signal, signal], axis=1))
+    assert noise_ceiling(same).max_lds == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="seeds_per_subset=2"):
+        noise_ceiling(dataclasses.replace(gt, repeat_outputs=reps[:, :1]))
 
 
 def test_lds_drops_undefined_rows_with_warning() -> None:

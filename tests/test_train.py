@@ -38,7 +38,7 @@ def test_recipe_validation_and_dict():
     with pytest.raises(ValueError, match="optimizer"):
         TrainRecipe(optimizer="lbfgs")
     with pytest.raises(ValueError, match="lr_schedule"):
-        TrainRecipe(lr_schedule="cosine")
+        TrainRecipe(lr_schedule="exponential")
     with pytest.raises(ValueError, match="epochs"):
         TrainRecipe(epochs=0)
 
@@ -66,6 +66,51 @@ def test_adam_and_constant_schedule(data):
     recipe = TrainRecipe(optimizer="adam", lr=1e-2, lr_schedule="constant", epochs=2)
     r = train_model(_mlp(), data.x_train, data.y_train, recipe, 0, checkpoint_epochs=[1, 2])
     assert r.checkpoint_lrs == [1e-2, 1e-2]
+
+
+def test_adamw_cosine_warmup_and_clipping(data):
+    recipe = TrainRecipe(
+        optimizer="adamw", lr=0.01, lr_schedule="cosine", warmup=0.25, grad_clip=0.5, epochs=2
+    )
+    total = 8
+    rates = [recipe.lr_at(s, total) for s in range(total)]
+    assert rates[:2] == [0.005, 0.01]  # two warm-up steps, linear to lr
+    np.testing.assert_allclose(
+        rates[2:], [0.01 * 0.5 * (1 + np.cos(np.pi * k / 6)) for k in range(6)]
+    )
+    assert recipe.lr_at_epoch(0) == pytest.approx(0.01 / 500)  # the first of 500 warm-up steps
+    # the recipe's run equals a hand-written AdamW loop with the same rates and clipping
+    model, ref = _mlp(dropout=0.0), _mlp(dropout=0.0)
+    r = train_model(model, data.x_train, data.y_train, recipe, 3)
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.01, weight_decay=recipe.weight_decay)
+    gen, step = torch.Generator().manual_seed(3), 0
+    steps = 2 * 3
+    for _ in range(2):
+        for idx in torch.randperm(300, generator=gen).split(100):
+            for g in opt.param_groups:
+                g["lr"] = recipe.lr_at(step, steps)
+            loss = torch.nn.functional.cross_entropy(ref(data.x_train[idx]), data.y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+            opt.step()
+            step += 1
+    assert _same(r.model.state_dict(), ref.state_dict())
+    assert len(r.losses) == 2 and r.losses[1] < r.losses[0]
+    # fields added later stay out of to_dict at their defaults: old fingerprints hold
+    assert set(TrainRecipe().to_dict()) == {
+        "optimizer",
+        "lr",
+        "momentum",
+        "weight_decay",
+        "epochs",
+        "batch_size",
+        "lr_schedule",
+    }
+    assert recipe.to_dict()["warmup"] == 0.25 and recipe.to_dict()["grad_clip"] == 0.5
+    for bad in (dict(warmup=1.0), dict(warmup=-0.1), dict(grad_clip=0.0)):
+        with pytest.raises(ValueError):
+            TrainRecipe(**bad)
 
 
 def test_checkpoints(data):

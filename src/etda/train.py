@@ -20,8 +20,11 @@ from etda import batch
 from etda.io import atomic_write
 from etda.task import Task
 
-OPTIMIZERS = ("sgd", "adam")
-LR_SCHEDULES = ("constant", "linear")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+# Fields added after the first settings were fixed: left out of ``to_dict`` at their defaults so
+# the fingerprints (cache keys) of recipes that do not use them stay what they were.
+_LATER_FIELDS = {"warmup": 0.0, "grad_clip": None}
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,11 @@ class TrainRecipe:
     """How to train a classifier: optimizer, learning-rate schedule, epochs, batch size."""
 
     optimizer: str = field(
-        default="sgd", metadata={"help": "Optimizer: 'sgd' (with momentum) or 'adam'."}
+        default="sgd",
+        metadata={
+            "help": "Optimizer: 'sgd' (with momentum), 'adam' (L2 weight decay in the gradient) "
+            "or 'adamw' (decoupled weight decay)."
+        },
     )
     lr: float = field(default=0.1, metadata={"help": "Peak learning rate (the rate at step 0)."})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum; ignored by Adam."})
@@ -44,8 +51,20 @@ class TrainRecipe:
     lr_schedule: str = field(
         default="linear",
         metadata={
-            "help": "'constant', or 'linear': decay per step from lr to 0 over all of training."
+            "help": "'constant'; 'linear': decay per step from lr to 0; 'cosine': half a cosine "
+            "from lr to 0 (both over the steps after the warm-up)."
         },
+    )
+    warmup: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of all steps spent raising the rate linearly from lr/w to lr "
+            "(w warm-up steps) before the schedule starts; 0 = none."
+        },
+    )
+    grad_clip: float | None = field(
+        default=None,
+        metadata={"help": "Clip the global gradient norm of each step to this value; None = off."},
     )
 
     def __post_init__(self) -> None:
@@ -61,6 +80,12 @@ class TrainRecipe:
                 raise ValueError(f"TrainRecipe.{name} must be a positive int, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"TrainRecipe.lr must be positive, got {self.lr}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"TrainRecipe.warmup must be in [0, 1), got {self.warmup}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(
+                f"TrainRecipe.grad_clip must be positive or None, got {self.grad_clip}"
+            )
         if self.momentum < 0 or self.weight_decay < 0:
             raise ValueError(
                 f"TrainRecipe.momentum ({self.momentum}) and weight_decay ({self.weight_decay}) "
@@ -68,14 +93,27 @@ class TrainRecipe:
             )
 
     def to_dict(self) -> dict:
-        """Plain dict of all fields (JSON-serializable)."""
-        return asdict(self)
+        """Plain dict of the fields (JSON-serializable); ``warmup`` and ``grad_clip`` only when
+        set, so older recipes keep their fingerprints."""
+        fields = asdict(self)
+        return {k: v for k, v in fields.items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
 
     def lr_at(self, step: int, total_steps: int) -> float:
         """Learning rate used by optimizer step ``step`` (0-based) of ``total_steps``."""
+        warm = int(round(self.warmup * total_steps))
+        if step < warm:
+            return self.lr * (step + 1) / warm
         if self.lr_schedule == "constant":
             return self.lr
-        return self.lr * (1.0 - step / total_steps)
+        progress = (step - warm) / (total_steps - warm)
+        if self.lr_schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.lr * (1.0 - progress)
+
+    def lr_at_epoch(self, epoch: float) -> float:
+        """The rate at the start of ``epoch`` (0-based, fractions allowed) of ``epochs``."""
+        per_epoch = 1000
+        return self.lr_at(int(round(epoch * per_epoch)), self.epochs * per_epoch)
 
 
 @dataclass
@@ -88,6 +126,7 @@ class TrainResult:
     checkpoint_lrs: list[float]  # learning rate for each checkpoint (TracIn weights)
     seed: int
     recipe: TrainRecipe
+    losses: list[float] = field(default_factory=list)  # mean training loss of each epoch
 
 
 TASKS = ("classification", "sequence")
@@ -213,7 +252,10 @@ def _validate_sequence(model: nn.Module, x: Tensor, y: Tensor) -> None:
             f"the sequence task needs logits (B, T, V) with T = {y.shape[1]} (the targets' "
             f"length), but the model returns {tuple(out.shape)} for one example"
         )
-    lo, hi, vocab = int(y.min()), int(y.max()), out.shape[-1]
+    counted = y[y != -100]  # etda.task.IGNORE_INDEX: padding, counted nowhere
+    if counted.numel() == 0:
+        raise ValueError("every target is -100 (padding): there is nothing to train on")
+    lo, hi, vocab = int(counted.min()), int(counted.max()), out.shape[-1]
     if lo < 0 or hi >= vocab:
         raise ValueError(
             f"y has token ids in [{lo}, {hi}] but the model's vocabulary has {vocab} entries; "
@@ -257,7 +299,19 @@ def _optimizer(params: list[nn.Parameter], recipe: TrainRecipe) -> torch.optim.O
         return torch.optim.SGD(
             params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
         )
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, loss: Tensor, clip: float | None) -> Tensor:
+    """One optimizer step on ``loss`` (the gradient norm clipped to ``clip`` when set)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    return loss
 
 
 def train_model(
@@ -295,6 +349,7 @@ def train_model(
     gen = torch.Generator().manual_seed(seed)
     checkpoints: list[dict[str, Tensor]] = []
     checkpoint_lrs: list[float] = []
+    losses: list[float] = []
 
     def snapshot(lr: float) -> None:
         checkpoints.append({k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -316,13 +371,11 @@ def train_model(
                     group["lr"] = lr
                 lrs.append(lr)
                 idx = idx.to(device)
-                loss = batch_loss(idx)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                loss = _step(model, opt, batch_loss(idx), recipe.grad_clip)
                 loss_sum += loss.detach() * idx.numel()
                 step += 1
             mean_loss = float(loss_sum) / n
+            losses.append(mean_loss)
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(
                     f"training loss became {mean_loss} in epoch {epoch}; lower TrainRecipe.lr "
@@ -338,7 +391,7 @@ def train_model(
                 )
     seconds = time.perf_counter() - start
     model.eval()
-    return TrainResult(model, seconds, checkpoints, checkpoint_lrs, seed, recipe)
+    return TrainResult(model, seconds, checkpoints, checkpoint_lrs, seed, recipe, losses)
 
 
 def save_weights(

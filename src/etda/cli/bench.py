@@ -64,12 +64,14 @@ def bench(
     ] = True,
     n_subsets: Annotated[
         int | None,
-        typer.Option(help="LDS: random training subsets (default: the sweep's, 50; kjv 40)."),
+        typer.Option(help="LDS: random training subsets (default: the sweep's, 50)."),
     ] = None,
     fraction: FractionOpt = 0.5,
     seeds_per_subset: Annotated[
         int | None,
-        typer.Option(min=1, help="LDS: models per subset (default: the sweep's, 1; kjv 2)."),
+        typer.Option(
+            min=1, help="LDS: models per subset (default: the sweep's: 1, text settings 2)."
+        ),
     ] = None,
     executor: ExecutorOpt = "process",
     workers: WorkersOpt = None,

@@ -231,6 +231,46 @@ def _window_starts(text: str, lo: int, hi: int, length: int) -> list[int]:
     return out
 
 
+def train_blocks(text: str) -> list[str]:
+    """The training blocks of the text (every block but each ``TEST_EVERY``-th), in order."""
+    blocks = [text[lo : lo + BLOCK] for lo in range(0, len(text), BLOCK)]
+    return [b for i, b in enumerate(blocks) if i % TEST_EVERY != TEST_EVERY - 1]
+
+
+@dataclass(frozen=True)
+class WindowSplit:
+    """Character offsets of the drawn training and test windows (sorted)."""
+
+    train_offsets: tuple[int, ...]
+    test_offsets: tuple[int, ...]
+
+
+def split_windows(text: str, length: int, n_train: int, seed: int, n_test: int) -> WindowSplit:
+    """Draw ``n_train`` training and ``n_test`` test windows of ``length`` characters (see
+    the module doc): deterministic in ``seed``; test windows whose text occurs anywhere in a
+    training block are skipped."""
+    train_starts, test_starts = [], []
+    for b, lo in enumerate(range(0, len(text), BLOCK)):
+        hi = min(lo + BLOCK, len(text))
+        is_test = b % TEST_EVERY == TEST_EVERY - 1
+        (test_starts if is_test else train_starts).extend(_window_starts(text, lo, hi, length))
+    _check_size("n_train", n_train, len(train_starts), "KJV training windows")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    tr = np.sort(rng.choice(len(train_starts), size=n_train, replace=False))
+    # Test windows: a seeded order over all candidates, keeping the first n_test whose text
+    # occurs nowhere in the training blocks (not just not in the drawn training windows).
+    train_text = "\x00".join(train_blocks(text))
+    kept: list[int] = []
+    for j in np.random.Generator(np.random.PCG64([seed, 1])).permutation(len(test_starts)):
+        s = test_starts[int(j)]
+        if text[s : s + length] not in train_text:
+            kept.append(s)
+            if len(kept) == n_test:
+                break
+    _check_size("n_test", n_test, len(kept), "KJV test windows not repeated in training text")
+    return WindowSplit(tuple(train_starts[int(i)] for i in tr), tuple(sorted(kept)))
+
+
 def kjv(
     n_train: int = 2000,
     n_test: int = 200,
@@ -246,37 +286,15 @@ def kjv(
     _check_size("seq_len", seq_len, BLOCK - SLACK - 1, f"blocks of {BLOCK} characters")
     corpus = load_kjv(cache_dir)
     text, length = corpus.text, seq_len + 1
-    train_starts, test_starts, train_blocks = [], [], []
-    for b, lo in enumerate(range(0, len(text), BLOCK)):
-        hi = min(lo + BLOCK, len(text))
-        is_test = b % TEST_EVERY == TEST_EVERY - 1
-        (test_starts if is_test else train_starts).extend(_window_starts(text, lo, hi, length))
-        if not is_test:
-            train_blocks.append(text[lo:hi])
-    _check_size("n_train", n_train, len(train_starts), "KJV training windows")
-    rng = np.random.Generator(np.random.PCG64(seed))
-    tr = np.sort(rng.choice(len(train_starts), size=n_train, replace=False))
-    # Test windows: a seeded order over all candidates, keeping the first n_test whose text
-    # occurs nowhere in the training blocks (not just not in the drawn training windows).
-    train_text = "\x00".join(train_blocks)
-    kept: list[int] = []
-    for j in np.random.Generator(np.random.PCG64([seed, 1])).permutation(len(test_starts)):
-        s = test_starts[int(j)]
-        if text[s : s + length] not in train_text:
-            kept.append(s)
-            if len(kept) == n_test:
-                break
-    _check_size("n_test", n_test, len(kept), "KJV test windows not repeated in training text")
+    split = split_windows(text, length, n_train, seed, n_test)
     vocab = Vocabulary(corpus.vocab)
 
-    def windows(starts: list[int]) -> tuple[Tensor, Tensor]:
+    def windows(starts: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         ids = vocab.encode("".join(text[s : s + length] for s in starts)).reshape(-1, length)
         return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 
-    train_offsets = [train_starts[int(i)] for i in tr]
-    test_offsets = sorted(kept)
-    x_train, y_train = windows(train_offsets)
-    x_test, y_test = windows(test_offsets)
+    x_train, y_train = windows(split.train_offsets)
+    x_test, y_test = windows(split.test_offsets)
     return TextBundle(
         x_train,
         y_train,
@@ -286,8 +304,8 @@ def kjv(
         "kjv",
         seed,
         vocab.chars,
-        tuple(train_offsets),
-        tuple(test_offsets),
+        split.train_offsets,
+        split.test_offsets,
     )
 
 

@@ -278,10 +278,8 @@ def _tail_epochs(tail: float, epochs: int) -> int:
 
 
 def _rate_at(recipe: Any, epoch: int) -> float:
-    """The run's learning rate at the start of ``epoch`` (linear decay or constant)."""
-    if recipe.lr_schedule == "linear":
-        return recipe.lr * (1.0 - epoch / recipe.epochs)
-    return recipe.lr
+    """The run's learning rate at the start of ``epoch`` (its recipe's schedule)."""
+    return recipe.lr_at_epoch(epoch)
 
 
 def _recipe_options(recipe: Any) -> dict:

@@ -98,10 +98,54 @@ class GroundTruth:
     path: Path | None = None  # the cache folder it was read from / written to
     group_masks: np.ndarray | None = None  # bool (S, G): groups kept (a group ground truth)
     group_names: list | None = None  # (G,): the groups in order of first appearance
+    repeat_outputs: np.ndarray | None = None  # float64 (S, R, n_test): each retraining's
 
     @property
     def n_subsets(self) -> int:
         return int(self.masks.shape[0])
+
+
+@dataclass
+class NoiseCeiling:
+    """How reproducible the ground truth is: retraining the same subsets twice.
+
+    ``between_repeats``: per test example, the Spearman correlation across subsets between
+    the outputs of two retrainings (seeds) of the same subsets, averaged over pairs of
+    repeats (mean ± standard error over test examples). ``max_lds``: the LDS a perfect
+    predictor of the noise-free effect would reach against this ground truth's outputs
+    (averages of R repeats): ``sqrt(R rho / (1 + (R - 1) rho))`` of the mean rho
+    (Spearman-Brown), the scale to read LDS values against.
+    """
+
+    between_repeats: LDSResult
+    repeats: int
+    max_lds: float
+
+    def to_dict(self) -> dict:
+        return {
+            "between_repeats": self.between_repeats.mean,
+            "between_repeats_sem": self.between_repeats.sem,
+            "repeats": self.repeats,
+            "max_lds": self.max_lds,
+        }
+
+
+def noise_ceiling(gt: GroundTruth) -> NoiseCeiling:
+    """The retrain-noise ceiling of ``gt`` (drawn with ``seeds_per_subset >= 2``)."""
+    reps = gt.repeat_outputs
+    if reps is None or reps.shape[1] < 2:
+        raise ValueError(
+            "the noise ceiling needs two or more retrainings per subset: draw the ground truth "
+            "with LDSConfig(seeds_per_subset=2)"
+        )
+    R = reps.shape[1]
+    pairs = [spearman_rows(reps[:, a].T, reps[:, b].T) for a in range(R) for b in range(a + 1, R)]
+    rho_t = np.nanmean(np.stack(pairs), axis=0)  # (n_test,)
+    ok = rho_t[np.isfinite(rho_t)]
+    sem = float(ok.std(ddof=1) / np.sqrt(ok.size)) if ok.size > 1 else float("nan")
+    rho = float(ok.mean()) if ok.size else float("nan")
+    max_lds = float(np.sqrt(max(R * rho / (1 + (R - 1) * rho), 0.0))) if ok.size else rho
+    return NoiseCeiling(LDSResult(rho, sem, rho_t), R, max_lds)
 
 
 @dataclass
@@ -495,6 +539,7 @@ def _collect(
         path=folder,
         group_masks=group_masks,
         group_names=group_names,
+        repeat_outputs=outputs,
     )
 
 

@@ -12,11 +12,19 @@ from etda.models.mlp import MLP
 from etda.models.resnet import ResNet9
 from etda.models.transformer import CharTransformer
 
+
+def _gpt2(**kwargs) -> nn.Module:
+    from etda.models.gpt2 import GPT2LM  # local: it imports transformers
+
+    return GPT2LM(**kwargs)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "logreg": LogisticRegression,
     "mlp": MLP,
     "resnet9": ResNet9,
     "char-transformer": CharTransformer,
+    "gpt2": _gpt2,
 }
 
 

@@ -26,9 +26,10 @@ import time
 import numpy as np
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 import etda
+from etda.data.bpe import train_bpe
 from etda.data.text import load_kjv
 
 BOOKS = {"Lev": "Leviticus", "Psa": "Psalms", "Prv": "Proverbs", "Mat": "Matthew"}
@@ -53,18 +54,9 @@ def verses(per_book_train: int, per_book_test: int, seed: int = 0):
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
-    """Byte-level BPE trained here on the training verses, with a [PAD] token."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["[PAD]"],
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(texts, trainer)
-    return tok
+    """Byte-level BPE trained here on the training verses, with a [PAD] token
+    (:func:`etda.data.bpe.train_bpe`, deterministic)."""
+    return Tokenizer.from_str(train_bpe(texts, vocab_size))
 
 
 def encode(tok: Tokenizer, texts: list[str], length: int):

@@ -28,7 +28,8 @@ def test_setting_sweeps() -> None:
 
     assert get_sweep(setting="fmnist-mlp") is FULL and get_sweep(True, setting="x") is QUICK
     kjv = get_sweep(setting="kjv-transformer")
-    assert get_sweep(setting="kjv-gpt2") is kjv  # one sweep for the text settings
+    gpt2 = get_sweep(setting="kjv-gpt2")  # the same table, one retraining seed per subset
+    assert gpt2.configs == kjv.configs and gpt2.seeds_per_subset == 1
     keys = {c.key for c in kjv.configs}
     assert len(keys) == len(kjv.configs)
     # every method over naive 1/5, checkpoints and LoRA, on TensorSketch features

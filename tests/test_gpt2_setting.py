@@ -126,14 +126,13 @@ def test_kjv_bpe_windows_and_the_cached_tokenizer(tmp_path) -> None:
 
 
 @needs_kjv
-def test_the_gpt2_setting_trains_and_attributes(tmp_path, monkeypatch) -> None:
+def test_the_gpt2_setting_trains_and_attributes() -> None:
     import functools
 
     from etda.data.bpe import kjv_bpe
     from etda.settings import get_setting
     from etda.train import TrainRecipe
 
-    monkeypatch.setenv("ETDA_TEXT_CACHE", str(tmp_path))
     base = get_setting("kjv-gpt2")
     data_fn = functools.partial(kjv_bpe, n_train=48, n_test=4, seq_len=32, chars=120)
     recipe = dataclasses.replace(base.recipe, epochs=1)
@@ -148,3 +147,77 @@ def test_the_gpt2_setting_trains_and_attributes(tmp_path, monkeypatch) -> None:
         result.model, train=(d.x_train, d.y_train), test=(d.x_test, d.y_test), method="trak"
     )
     assert scores.values.shape == (4, 48) and np.isfinite(scores.values).all()
+
+
+def _tiny_gpt2_setting():
+    import functools
+
+    from etda.data.bpe import kjv_bpe
+    from etda.settings import Setting
+    from etda.train import TrainRecipe
+
+    return Setting(
+        name="kjv-gpt2-tiny",
+        model_name="gpt2",
+        model_kwargs={
+            "vocab_size": 300,
+            "n_positions": 24,
+            "n_embd": 16,
+            "n_layer": 1,
+            "n_head": 2,
+            "dropout": 0.1,
+            "pad_id": 0,
+        },
+        recipe=TrainRecipe(optimizer="adamw", lr=1e-2, weight_decay=0.01, epochs=2, batch_size=16),
+        data_fn=functools.partial(
+            kjv_bpe, n_train=40, n_test=6, seq_len=24, chars=30, vocab_size=300
+        ),
+        task="sequence",
+    )
+
+
+@needs_kjv
+def test_token_explanations_and_prompts_of_a_bpe_model(tmp_path, monkeypatch) -> None:
+    """``etda explain --tokens/--prompt`` on a GPT-2 with BPE tokens and padded windows."""
+    from typer.testing import CliRunner
+
+    from etda.cli import app
+    from etda.explain import explain, explain_tokens
+    from etda.settings import SETTINGS
+
+    tiny = _tiny_gpt2_setting()
+    monkeypatch.setitem(SETTINGS, tiny.name, tiny)
+    data = tiny.data()
+    padded_test = int(np.flatnonzero((data.y_test == IGNORE_INDEX).any(1))[0])
+    kw = dict(method="graddot", model_dir=tmp_path)
+    te = explain_tokens(tiny, padded_test, per_token=2, **kw)
+    real = int((data.y_test[padded_test] != IGNORE_INDEX).sum())
+    assert len(te.tokens) == real == te.values.shape[0] and np.isfinite(te.values).all()
+    assert te.context + "".join(te.tokens) == data.passage("test", padded_test)
+    assert te.top[0][0].text == data.passage("train", te.top[0][0].index)
+    # a prompt and a completion counted in tokens; the prompt's targets masked
+    e = explain(tiny, prompt="And God said", completion=", Let there be light", top_k=2, **kw)
+    n_prompt = len(data.vocab.encode("And God said"))
+    n_all = len(data.vocab.encode("And God said, Let there be light"))
+    assert e.info["counted"] == n_all - n_prompt
+    r = CliRunner().invoke(
+        app,
+        [
+            "explain",
+            "-s",
+            tiny.name,
+            "--model-dir",
+            str(tmp_path),
+            "-m",
+            "graddot",
+            "--prompt",
+            "In the beginning",
+            "--length",
+            "30",
+            "--tokens",
+            "--threads",
+            "1",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "top proponent" in r.output

@@ -152,6 +152,9 @@ def test_equal_lds_ratios_have_known_values() -> None:
     assert d["ratios"]["train_s"] == pytest.approx(1.0 / math.sqrt(8))
     assert d["ratios"]["serve_s"] == pytest.approx(2.0 / math.sqrt(8))
     assert d["ratios"]["bytes"] == pytest.approx(3000 / (1000 * math.sqrt(8)))
+    # model storage apart from the features: the weights are half of each record's bytes
+    assert d["ratios"]["weights_bytes"] == pytest.approx(1500 / (500 * math.sqrt(8)))
+    assert d["naive"]["weights_bytes"] == pytest.approx(500 * math.sqrt(8))
     assert d["naive_models"] == pytest.approx(math.sqrt(8))  # naive sizes 1, 2, 4
     assert rows["LoRA 4"]["status"] == "below"
     assert rows["LoRA 4"]["ratios"]["train_s"] == pytest.approx(1.5)
@@ -186,6 +189,8 @@ def test_report_writes_every_file(tmp_path) -> None:
         "≥ 1.500",  # LoRA below naive 1: a lower bound
         "≤ 0.500",  # the hybrid above naive 4: an upper bound
         "a reason",
+        "| train | serve | space | model storage |",
+        "models ",  # the summary's model-storage ratio
     ):
         assert needle in text, needle
 

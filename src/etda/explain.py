@@ -203,29 +203,47 @@ def _completion_input(
 ) -> _Test:
     from etda.generative import prompt_mask
 
-    need = int(run.data.x_train.shape[1]) + 1
+    need = int(run.data.x_train.shape[1]) + 1  # tokens (characters for a character model)
+    vocab = run.data.vocab
+    p_len = int(vocab.encode(prompt).numel()) if prompt else 0
     if completion is None:
-        length = max(1, need - len(prompt)) if length is None else length
+        length = max(1, need - p_len) if length is None else length
         if length <= 0:
             raise ValueError(f"length must be positive, got {length}")
-        if len(prompt) + length < need:
+        if p_len + length < need:
             raise ValueError(
-                f"prompt ({len(prompt)} characters) + length ({length}) is shorter than one "
-                f"window of {need} characters; raise --length to at least {need - len(prompt)}"
+                f"prompt ({p_len} tokens) + length ({length}) is shorter than one window of "
+                f"{need} tokens; raise --length to at least {need - p_len}"
             )
-        text = generate_text(run.tms[0].model, run.data.vocab, prompt, length, temperature, seed)
+        text = generate_text(run.tms[0].model, vocab, prompt, length, temperature, seed)
     elif not completion:
         raise ValueError("the completion is empty; give at least one character")
     else:
         text = prompt + completion
-    window = text[-need:]  # a given completion may be shorter than a window
-    if len(window) < 2:
-        raise ValueError("prompt + completion must have at least 2 characters")
-    in_window = max(0, len(prompt) - (len(text) - len(window)))  # prompt characters kept
-    ids = run.data.vocab.encode(window)
-    y = prompt_mask(ids[1:][None], in_window)
+    ids = vocab.encode(text)
+    window = ids[-need:]  # a given completion may be shorter than a window
+    if window.numel() < 2:
+        raise ValueError("prompt + completion must have at least 2 tokens")
+    in_window = max(0, p_len - (ids.numel() - window.numel()))  # prompt tokens kept
+    y = prompt_mask(window[1:][None], in_window)
     label = "completion" if completion is not None else "generated"
-    return _Test(ids[:-1][None], y, -1, label, text, completion is not None)
+    return _Test(window[:-1][None], y, -1, label, text, completion is not None)
+
+
+def _sequence_ids(data: Any, x: Tensor, y: Tensor) -> Tensor:
+    """The tokens of one window ``(L,)``: its inputs and its last target, right padding
+    (``data.pad_id``, where the data have one) dropped."""
+    pad = getattr(data, "pad_id", None)
+    n = int((x != pad).sum()) if pad is not None else int(x.numel())
+    last = y[n - 1 : n]
+    return torch.cat([x[:n], last[last != IGNORE_INDEX]])
+
+
+def _token_texts(vocab: Any, ids: Tensor) -> list[str]:
+    """The text of each token (one character each for a character vocabulary)."""
+    if hasattr(vocab, "tokens"):
+        return vocab.tokens(ids)
+    return list(vocab.decode(ids))
 
 
 def _attribute_options(
@@ -331,7 +349,7 @@ def _train_example(run: _Run, i: int, score: float) -> Example:
 def _test_example(run: _Run, t: _Test, f: float) -> Example:
     if not run.sequence:
         return Example(t.index, f, t.label, None, t.x[0])
-    ids = torch.cat([t.x[0], t.y[0, -1:]])  # the last target is never a prompt token
+    ids = _sequence_ids(run.data, t.x[0], t.y[0])  # the last target is never a prompt token
     return Example(t.index, f, t.label, run.data.vocab.decode(ids))
 
 
@@ -584,8 +602,10 @@ def explain_tokens(
         (t.x, t.y),
         **_attribute_options(run, projection, proj_dim, seed, progress),
     )
-    values = token_values(scores.values, counted)[0]
-    text = data.vocab.decode(torch.cat([t.x[0], t.y[0, -1:]]))
+    ids = _sequence_ids(data, t.x[0], t.y[0])
+    text = data.vocab.decode(ids)
+    pieces = _token_texts(data.vocab, ids)
+    values = token_values(scores.values, counted)[0][: len(pieces) - 1]  # padding dropped
     info = _info(run, t, float(setting.output(run.tms[0].model, t.x, t.y)[0]))
     info["logp"] = _token_logp(run.tms[0].model, t.x, t.y)
     return TokenExplanation(
@@ -594,8 +614,8 @@ def explain_tokens(
         ensemble=ensemble,
         n_members=len(scores.config["members"]),
         test=Example(t.index, float("nan"), t.label, text),
-        context=text[0],
-        tokens=list(text[1:]),
+        context=pieces[0],
+        tokens=pieces[1:],
         values=values,
         top=_top_per_token(values, per_token, lambda i, s: _train_example(run, i, s)),
         scores=scores,

@@ -21,6 +21,9 @@ from pathlib import Path
 import numpy as np
 
 COSTS: dict[str, str] = {"train_s": "training time", "serve_s": "serving time", "bytes": "space"}
+# Ratios also compare model storage alone (checkpoints and adapters: the paper's "space"),
+# apart from the stored features.
+RATIO_COSTS: tuple[str, ...] = (*COSTS, "weights_bytes")
 
 
 def method_title(method: str) -> str:
@@ -89,7 +92,7 @@ def naive_cost_at(
     return float(cs[int(np.argmax(ls))]), "above"
 
 
-def equal_lds_ratios(results: dict, costs: Sequence[str] = tuple(COSTS)) -> list[dict]:
+def equal_lds_ratios(results: dict, costs: Sequence[str] = RATIO_COSTS) -> list[dict]:
     """Each efficient configuration's costs over the naive ensemble's at equal LDS.
 
     Per record: ``ratios[cost]`` (efficient / naive), ``naive[cost]`` (the interpolated naive
@@ -119,8 +122,8 @@ def equal_lds_ratios(results: dict, costs: Sequence[str] = tuple(COSTS)) -> list
         k_eq, status = naive_cost_at(target, lds_n, [n["models"] for n in naive])
         row["naive_models"], row["status"] = k_eq, status
         for cost in costs:
-            naive_c = [n["costs"][cost] for n in naive]
-            if min(naive_c) <= 0:
+            naive_c = [n["costs"].get(cost, 0) for n in naive]
+            if min(naive_c) <= 0 or cost not in r["costs"]:
                 continue
             c_eq, _ = naive_cost_at(target, lds_n, naive_c)
             row["naive"][cost] = c_eq
@@ -147,6 +150,7 @@ def write_report(results_dir: str | os.PathLike) -> list[Path]:
 
 __all__ = [
     "COSTS",
+    "RATIO_COSTS",
     "equal_lds_ratios",
     "naive_cost_at",
     "naive_curve",

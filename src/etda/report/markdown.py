@@ -10,6 +10,10 @@ from etda.report import equal_lds_ratios, method_title, naive_curve, records
 BOUND = {"interpolated": "", "below": "≥ ", "above": "≤ "}
 
 
+# short names of the compared costs, in table order
+RATIO_NAMES = {"train_s": "train", "serve_s": "serve", "bytes": "bytes", "weights_bytes": "models"}
+
+
 def _f(x: float | None, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
@@ -49,7 +53,8 @@ def render(results: dict, figures: dict[str, str]) -> str:
         "Costs: *train* is the training time of every model and adapter a configuration "
         "needs (cached models count with the seconds of their original training run); "
         "*serve* is featurizing the training and test sets plus scoring; *space* is the "
-        "weights/adapters plus the stored features.",
+        "weights/adapters plus the stored features; *model storage* (*models* in the "
+        "summary) the weights/adapters alone.",
     ]
     m = results.get("machine")
     if m:
@@ -102,7 +107,7 @@ def _summary(recs: list[dict], ratios: list[dict]) -> list[str]:
             if ratio and ratio["ratios"]:
                 b = BOUND[ratio["status"]]
                 rtext = ", ".join(
-                    f"{k.removesuffix('_s')} {b}{v:.2f}" for k, v in ratio["ratios"].items()
+                    f"{RATIO_NAMES[k]} {b}{v:.2f}" for k, v in ratio["ratios"].items()
                 )
             rows.append(
                 [
@@ -212,14 +217,12 @@ def _ratio_table(ratios: list[dict]) -> list[str]:
                 k_text,
                 *(
                     f"{b}{r['ratios'][c]:.3f}" if c in r["ratios"] else "–"
-                    for c in ("train_s", "serve_s", "bytes")
+                    for c in RATIO_NAMES
                 ),
             ]
         )
-    out += _table(
-        ["method", "configuration", "LDS", "naive models of equal LDS", "train", "serve", "space"],
-        rows,
-    )
+    header = ["method", "configuration", "LDS", "naive models of equal LDS"]
+    out += _table([*header, "train", "serve", "space", "model storage"], rows)
     return out
 
 

@@ -12,7 +12,14 @@ from typer.testing import CliRunner
 from etda.bench.sweeps import BenchConfig
 from etda.cli import app
 from etda.evaluate.mislabel import detection_report
-from etda.report import equal_lds_ratios, naive_cost_at, pareto_front, write_report
+from etda.report import (
+    equal_lds_ratios,
+    naive_cost_at,
+    naive_curve,
+    pareto_front,
+    records,
+    write_report,
+)
 
 
 def _rec(cfg: BenchConfig, lds: float, train: float, serve: float, nbytes: int) -> dict:
@@ -161,6 +168,17 @@ def test_equal_lds_ratios_have_known_values() -> None:
     assert rows["2x10 dropout"]["status"] == "above"
     assert rows["2x10 dropout"]["ratios"]["train_s"] == pytest.approx(0.5)
     assert "naive 1" not in rows  # naive ensembles are the reference, not rows
+
+
+def test_a_damping_variant_is_compared_with_the_default_naive_curve() -> None:
+    results = synthetic_results()
+    damped = BenchConfig("trak", "none", 2, damping="trace:0.1")
+    assert damped.label == "naive 2 (damping trace:0.1)" and damped.family == "naive"
+    results["configs"][damped.key] = _rec(damped, 0.25, 2.0, 4.0, 2000)
+    rows = {r["label"]: r for r in equal_lds_ratios(results)}
+    row = rows["naive 2 (damping trace:0.1)"]
+    assert row["ratios"]["train_s"] == pytest.approx(2.0 / math.sqrt(8))  # default naive 1, 2, 4
+    assert [r["models"] for r in naive_curve(records(results), "trak")] == [1, 2, 4]
 
 
 def test_report_writes_every_file(tmp_path) -> None:

@@ -80,10 +80,12 @@ class BenchConfig:
         """Short plot label, e.g. ``naive 5``, ``dropout 10``, ``2x10 dropout``."""
         kind = ENSEMBLES.get_entry(self.ensemble).short
         if self.ensemble == "none":
-            return f"naive {self.models}"
-        if self.models > 1:
-            return f"{self.models}x{self.m} {kind}"
-        return f"{kind} {self.m}"
+            label = f"naive {self.models}"
+        elif self.models > 1:
+            label = f"{self.models}x{self.m} {kind}"
+        else:
+            label = f"{kind} {self.m}"
+        return label if self.damping is None else f"{label} (damping {self.damping})"
 
     def to_dict(self) -> dict:
         return {

@@ -34,8 +34,26 @@ def method_title(method: str) -> str:
 
 
 def records(results: dict) -> list[dict]:
-    """The configuration records with a finite LDS, in sweep order."""
-    return [r for r in results.get("configs", {}).values() if _finite(r["lds"]["mean"])]
+    """The configuration records with a finite LDS, in sweep order. A record run at a
+    damping other than the default is labelled with it and leaves its family (a naive
+    ensemble so damped is compared with the default naive curve, not part of it)."""
+    out = []
+    for r in results.get("configs", {}).values():
+        if not _finite(r["lds"]["mean"]):
+            continue
+        damp = damping_variant(r["key"])
+        if damp:
+            tag = f" (damping {damp})"
+            label = r["label"] if tag in r["label"] else r["label"] + tag
+            r = {**r, "label": label, "family": r["family"] + tag}
+        out.append(r)
+    return out
+
+
+def damping_variant(key: str) -> str | None:
+    """The damping a configuration key names (``.../damptrace:0.1`` -> ``trace:0.1``)."""
+    part = next((p for p in key.split("/") if p.startswith("damp")), None)
+    return part.removeprefix("damp") if part else None
 
 
 def _finite(x: object) -> bool:
@@ -150,6 +168,7 @@ def write_report(results_dir: str | os.PathLike) -> list[Path]:
 
 __all__ = [
     "COSTS",
+    "damping_variant",
     "RATIO_COSTS",
     "equal_lds_ratios",
     "naive_cost_at",

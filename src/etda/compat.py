@@ -49,8 +49,8 @@ def check_out_of_core(method: Method, projection: str, explicit_rows: bool = Fal
     if not method.streamable:
         raise ValueError(
             f"method {method.name!r} with options {method.options()} has no out-of-core form "
-            "(damping='gcv' and solver='cg' need everything in memory); raise memory_budget "
-            "or choose other options"
+            "(damping='gcv'/'evidence' and solver='cg' need everything in memory); raise "
+            "memory_budget or choose other options"
         )
 
 

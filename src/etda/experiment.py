@@ -24,6 +24,7 @@ from etda.ensemble import ENSEMBLES, Ensemble
 from etda.ensemble import make_ensemble as make_preset
 from etda.features.featurize import PROJECTIONS as _PROJECTIONS
 from etda.methods import METHODS, Method, get_method, method_takes
+from etda.methods.solve import edof_fraction
 from etda.paths import cache_path
 from etda.scores import Scores
 from etda.settings import Setting, get_setting
@@ -79,13 +80,17 @@ def checkpoint_schedule(epochs: int, n: int) -> list[int]:
 
 
 def parse_damping(value: str | float | None) -> float | str | None:
-    """``"auto"``, ``"gcv"``, ``"trace:C"`` or a number >= 0 (a string from the command line)."""
+    """``"auto"``, ``"gcv"``, ``"evidence"``, ``"trace:C"``, ``"edof:F"`` or a number >= 0 (a
+    string from the command line)."""
     if value is None or isinstance(value, int | float) and not isinstance(value, bool):
         if value is not None and (value < 0 or not math.isfinite(value)):
             raise ValueError(f"damping must be a finite number >= 0, got {value}")
         return value
     text = str(value).strip()
-    if text in ("auto", "gcv"):
+    if text in ("auto", "gcv", "evidence"):
+        return text
+    if text.startswith("edof:"):
+        edof_fraction(text)  # 0 < F <= 1, or a ValueError naming it
         return text
     if text.startswith("trace:"):
         try:
@@ -99,7 +104,8 @@ def parse_damping(value: str | float | None) -> float | str | None:
         lam = float(text)
     except ValueError:
         raise ValueError(
-            f"damping must be 'auto', 'gcv', 'trace:C' or a number >= 0, got {text!r}"
+            f"damping must be 'auto', 'gcv', 'evidence', 'trace:C', 'edof:F' or a number >= 0, "
+            f"got {text!r}"
         ) from None
     return parse_damping(lam)
 

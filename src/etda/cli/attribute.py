@@ -140,7 +140,8 @@ def attribute(
         str | None,
         typer.Option(
             callback=_damping_cb,
-            help="TRAK/IF damping: auto (spectral mean) | gcv | FLOAT | trace:C (C x auto).",
+            help="TRAK/IF damping: auto (spectral mean) | gcv | evidence | edof:F | FLOAT | "
+            "trace:C (C x auto).",
         ),
     ] = None,
     curvature: Annotated[

@@ -125,7 +125,10 @@ def explain(
     ] = "auto",
     damping: Annotated[
         str | None,
-        typer.Option(callback=_damping_cb, help="TRAK/IF damping: auto | gcv | FLOAT | trace:C."),
+        typer.Option(
+            callback=_damping_cb,
+            help="TRAK/IF damping: auto | gcv | evidence | edof:F | FLOAT | trace:C.",
+        ),
     ] = None,
     p: Annotated[float | None, typer.Option("--p", help="Dropout-ensemble rate override.")] = None,
     rank: RankOpt = None,

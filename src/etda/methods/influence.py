@@ -31,7 +31,7 @@ from etda import batch
 from etda.features.blocks import Features, TrainFeatures
 from etda.features.curvature import CURVATURES, CurvatureSpec
 from etda.methods.base import Diagonal, MemberContext, MemberFactors, Method
-from etda.methods.solve import DampedSystem, choose_damping
+from etda.methods.solve import CRITERIA, DampedSystem, choose_damping
 
 
 class InfluenceFunction(Method):
@@ -113,7 +113,7 @@ class InfluenceFunction(Method):
 
     @property
     def streamable(self) -> bool:
-        return self.solver == "eigen" and self.damping != "gcv"
+        return self.solver == "eigen" and self.damping not in CRITERIA
 
     @property
     def default_projection(self) -> str:

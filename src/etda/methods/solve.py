@@ -24,7 +24,28 @@ Damping rules (``damping=``):
   ``min(n, k) <= 2048``, else by Lanczos quadrature (Golub & von Matt, 1997). It needs
   no retraining but chooses too large a ``lam`` without projection (see the benchmark),
   so it is offered, not the default;
+* ``"evidence"``: the ``lam`` that maximizes the evidence (log marginal likelihood) of the
+  linearized Bayesian ridge model of the same targets, ``y = Phi w + eps`` with
+  ``w ~ N(0, s2_w I)``, ``eps ~ N(0, s2 I)`` and ``lam = s2 / s2_w``; with the scale
+  profiled out (``s2_w = y^T (K + lam I)^-1 y / n``) it is
+  ``-n/2 (1 + log 2 pi + log(y^T (K + lam I)^-1 y / n)) - 1/2 log det(K + lam I)``, on the
+  same grid as GCV, exact from the same eigendecomposition or by Lanczos quadrature (the log
+  determinant by stochastic Lanczos quadrature, Ubaru, Chen & Saad, 2017). It needs no
+  retraining and no ground truth, but a trained model's Q misleads it: TRAK's Q is nearly
+  orthogonal to the margin gradients at a (near) stationary point (``Q^T K Q / Q^T Q`` below
+  the mean eigenvalue), so the evidence reads it as noise and climbs to the grid's largest
+  ``lam``; IF's loss gradients are the margin gradients scaled by Q, so Q looks noiseless and
+  it falls to the smallest. It loses 0.1-0.35 LDS to ``"auto"`` (``benchmarks/damping.py``),
+  also on the ensemble's mean kernel: offered, not the default;
+* ``"edof:f"``: the ``lam`` whose effective degrees of freedom
+  ``tr(K (K + lam I)^-1) = sum_i e_i / (e_i + lam)`` equal ``f * min(n, k)``
+  (``0 < f <= 1``; no targets), interpolated on a fine log grid. ``edof:0.1`` is what the
+  spectral mean gives one fmnist-mlp TRAK model; it tracks ``"auto"`` for TRAK but not for
+  IF, whose loss-gradient spectrum is steeper (``benchmarks/damping.py``);
 * a number: the absolute ``lam``.
+
+Criteria that read the features (``gcv``, ``evidence``, ``edof``) run per member, on that
+member's system; ``TRAK(solve="shared")`` applies them to the ensemble's mean kernel.
 """
 
 from __future__ import annotations
@@ -39,7 +60,9 @@ from torch import Tensor
 from etda.features.blocks import Features, TrainFeatures
 
 GRID = torch.logspace(-4, 2, 31, dtype=torch.float64)
-EXACT_GCV_MAX = 2048
+EDOF_GRID = torch.logspace(-6, 4, 101, dtype=torch.float64)  # c values, interpolated
+EXACT_GCV_MAX = 2048  # eigendecomposition up to this min(n, k), Lanczos quadrature above
+CRITERIA = ("gcv", "evidence")  # target-based rules chosen on GRID
 
 
 @dataclass
@@ -162,8 +185,8 @@ class DampedSystem:
     def _phi(self) -> Tensor:
         if not self.train.in_memory:
             raise ValueError(
-                "damping='gcv' is not available for out-of-core scoring; use 'auto', "
-                "'trace:C' or a number"
+                "damping='gcv' or 'evidence' (and 'edof:F' above EXACT_GCV_MAX features) is "
+                "not available for out-of-core scoring; use 'auto', 'trace:C' or a number"
             )
         if not hasattr(self, "_phi_cache"):
             self._phi_cache = self.train.rows(0, self.n)
@@ -184,33 +207,96 @@ class DampedSystem:
             return self.gcv_exact(y, lams)
         y = y.to(torch.float64)
         rss = _quadrature(self.matvec, y, lams, lambda s, lam: lam**2 / (s + lam) ** 2, steps)
-        g = torch.Generator().manual_seed(seed)
-        tr = torch.zeros_like(lams)
-        for _ in range(probes):
-            z = torch.randint(0, 2, (self.n,), generator=g).to(torch.float64) * 2 - 1
-            tr += _quadrature(self.matvec, z, lams, lambda s, lam: 1.0 / (s + lam), steps)
+        tr = self._probe_sum(lams, lambda s, lam: 1.0 / (s + lam), steps, probes, seed)
         tr_resid = lams * tr / probes  # tr(I - H) = lam tr((K + lam I)^-1)
         return self.n * rss / tr_resid.clamp_min(1e-300) ** 2
 
+    def _probe_sum(
+        self,
+        lams: Tensor,
+        f: Callable[[Tensor, Tensor], Tensor],
+        steps: int,
+        probes: int,
+        seed: int,
+    ) -> Tensor:
+        """``sum_z z^T f(K, lam) z`` over ``probes`` Rademacher vectors ``z (n,)`` (Hutchinson
+        with Lanczos quadrature), ``(len(lams),)``. The probes' Lanczos nodes are kept, so
+        further criteria on the same system cost no more matrix products."""
+        cache = self.__dict__.setdefault("_probe_nodes", {})
+        if (steps, probes, seed) not in cache:
+            g = torch.Generator().manual_seed(seed)
+            nodes = []
+            for _ in range(probes):
+                z = torch.randint(0, 2, (self.n,), generator=g).to(torch.float64) * 2 - 1
+                nodes.append((z @ z, *_lanczos(self.matvec, z, steps)))
+            cache[(steps, probes, seed)] = nodes
+        total = torch.zeros_like(lams)
+        for zz, theta, weights in cache[(steps, probes, seed)]:
+            total += zz * (weights[None, :] * f(theta[None, :], lams[:, None])).sum(1)
+        return total
+
+    def _eigh(self) -> tuple[Tensor, Tensor]:
+        """``eigh`` of the smaller Gram matrix, kept: every exact criterion reads it."""
+        if "_eig" not in self.__dict__:
+            self._eig = tuple(torch.linalg.eigh(self.gram if self.form == "feature" else self.kmat))
+        return self._eig
+
+    def _spectrum(self, y: Tensor | None) -> tuple[Tensor, Tensor | None, float, int]:
+        """The eigenvalues ``s`` of ``K`` from the smaller Gram matrix (its nonzero ones in
+        feature space), the targets ``y (n,)`` in their eigenvectors ``by`` (None without
+        targets), ``||y||^2`` outside them and the number of zero eigenvalues left out."""
+        s, vecs = self._eigh()
+        s = s.clamp_min(0)
+        if self.form == "sample":
+            return s, None if y is None else vecs.T @ y.to(torch.float64), 0.0, 0
+        nz = s > s.max() * 1e-12
+        extra = self.n - int(nz.sum())  # directions of K with eigenvalue 0
+        if y is None:
+            return s[nz], None, 0.0, extra
+        y = y.to(torch.float64)
+        by = (self._phi() @ vecs[:, nz]).T @ y / s[nz].sqrt()
+        return s[nz], by, max(float(y @ y) - float(by @ by), 0.0), extra
+
     def gcv_exact(self, y: Tensor, lams: Tensor) -> Tensor:
         """GCV from an eigendecomposition of the smaller Gram matrix (reference)."""
-        y = y.to(torch.float64)
-        if self.form == "feature":
-            phi = self._phi()
-            s, v = torch.linalg.eigh(self.gram)
-            s = s.clamp_min(0)
-            nz = s > s.max() * 1e-12
-            by = (phi @ v[:, nz]).T @ y / s[nz].sqrt()
-            s = s[nz]
-            outside = max(float(y @ y) - float(by @ by), 0.0)
-            extra = self.n - int(nz.sum())  # directions with eigenvalue 0
-        else:
-            s, u = torch.linalg.eigh(self.kmat)
-            s = s.clamp_min(0)
-            by, outside, extra = u.T @ y, 0.0, 0
+        s, by, outside, extra = self._spectrum(y)
         shrink = lams[:, None] / (s[None, :] + lams[:, None])
         rss = (shrink**2 * by[None, :] ** 2).sum(1) + outside
         return self.n * rss / (shrink.sum(1) + extra) ** 2
+
+    def evidence(
+        self, y: Tensor, lams: Tensor, steps: int = 80, probes: int = 16, seed: int = 0
+    ) -> Tensor:
+        """The profiled log evidence (nats) for every ``lam`` ``(len(lams),)``: exact while
+        ``min(n, k) <= EXACT_GCV_MAX``, else Lanczos quadrature (``probes`` for the log det)."""
+        if self.dim <= EXACT_GCV_MAX:
+            return self.evidence_exact(y, lams)
+        y = y.to(torch.float64)
+        quad = _quadrature(self.matvec, y, lams, lambda s, lam: 1.0 / (s + lam), steps)
+        logdet = self._probe_sum(lams, lambda s, lam: torch.log(s + lam), steps, probes, seed)
+        return _profiled_evidence(self.n, quad, logdet / probes)
+
+    def evidence_exact(self, y: Tensor, lams: Tensor) -> Tensor:
+        """The profiled log evidence from an eigendecomposition (reference)."""
+        s, by, outside, extra = self._spectrum(y)
+        quad = (by[None, :] ** 2 / (s[None, :] + lams[:, None])).sum(1) + outside / lams
+        logdet = torch.log(s[None, :] + lams[:, None]).sum(1) + extra * torch.log(lams)
+        return _profiled_evidence(self.n, quad, logdet)
+
+    def edof(self, lams: Tensor, steps: int = 80, probes: int = 16, seed: int = 0) -> Tensor:
+        """Effective degrees of freedom ``tr(K (K + lam I)^-1)`` for every ``lam``: exact
+        while ``min(n, k) <= EXACT_GCV_MAX``, else Hutchinson with Lanczos quadrature."""
+        if self.dim <= EXACT_GCV_MAX:
+            s = self._spectrum(None)[0]
+            return (s[None, :] / (s[None, :] + lams[:, None])).sum(1)
+        # z^T K (K + lam I)^-1 z directly: n - lam tr((K + lam I)^-1) would cancel badly
+        return self._probe_sum(lams, lambda s, lam: s / (s + lam), steps, probes, seed) / probes
+
+
+def _profiled_evidence(n: int, quad: Tensor, logdet: Tensor) -> Tensor:
+    """``log N(y; 0, s2_w (K + lam I))`` at the best ``s2_w = quad / n``, from
+    ``quad = y^T (K + lam I)^-1 y`` and ``logdet = log det(K + lam I)``."""
+    return -0.5 * n * (1.0 + math.log(2 * math.pi) + torch.log(quad / n)) - 0.5 * logdet
 
 
 def _cholesky(a: Tensor) -> Tensor:
@@ -269,7 +355,8 @@ def choose_damping(
     scale: float = 1.0,
 ) -> Damping:
     """Resolve ``damping``: a number (absolute, in units of ``Phi^T Phi / scale``),
-    ``"auto"`` (spectral mean), ``"trace:c"`` or ``"gcv"`` (on targets ``y``)."""
+    ``"auto"`` (spectral mean), ``"trace:c"``, ``"edof:f"``, or ``"gcv"`` / ``"evidence"``
+    (on targets ``y (n,)``)."""
     base = system.base
     if isinstance(damping, int | float) and not isinstance(damping, bool):
         if damping < 0 or not math.isfinite(damping):
@@ -281,11 +368,70 @@ def choose_damping(
         return Damping(c * base, "trace", c)
     if damping == "auto":
         return Damping(base, "spectral-mean", 1.0)
-    if damping == "gcv":
-        if y is None:
-            raise ValueError("damping='gcv' needs regression targets")
-        lams = GRID * base
+    if damping in CRITERIA:
+        return _by_criterion(system, str(damping), y)
+    if isinstance(damping, str) and damping.startswith("edof:"):
+        return _by_edof(system, edof_fraction(damping))
+    raise ValueError(
+        "damping must be a number, 'auto', 'gcv' or 'trace:C' (C x auto); or 'evidence' or "
+        f"'edof:F' (0 < F <= 1), got {damping!r}"
+    )
+
+
+def edof_fraction(damping: str) -> float:
+    """The fraction ``f`` of ``"edof:f"``, checked to lie in ``(0, 1]``."""
+    try:
+        f = float(damping.split(":", 1)[1])
+    except ValueError:
+        f = math.nan
+    if not 0 < f <= 1:
+        raise ValueError(f"damping {damping!r}: edof:F needs a fraction 0 < F <= 1, e.g. edof:0.1")
+    return f
+
+
+def _check_system(system: DampedSystem, rule: str) -> None:
+    if not (math.isfinite(system.trace) and system.trace > 0):
+        raise ValueError(
+            f"damping={rule!r} needs finite, nonzero training features (the kernel's trace is "
+            f"{system.trace}); check the model's gradients for NaN/inf"
+        )
+
+
+def _by_criterion(system: DampedSystem, rule: str, y: Tensor | None) -> Damping:
+    """GCV (minimized) or the evidence (maximized) of the ridge regression of ``y`` on the
+    features, over ``GRID`` in units of the spectral mean."""
+    if y is None:
+        raise ValueError(f"damping={rule!r} needs regression targets (the method's Q)")
+    y = torch.as_tensor(y).to(torch.float64).reshape(-1)
+    if y.shape[0] != system.n:
+        raise ValueError(f"damping={rule!r}: {y.shape[0]} targets for {system.n} examples")
+    if not bool(torch.isfinite(y).all()):
+        raise ValueError(f"damping={rule!r} needs finite targets; the targets hold NaN or inf")
+    _check_system(system, rule)
+    lams = GRID * system.base
+    if rule == "gcv":
         curve = system.gcv(y, lams)
         i = int(torch.argmin(curve))
-        return Damping(float(lams[i]), "gcv", float(GRID[i]), lams.tolist(), curve.tolist())
-    raise ValueError(f"damping must be a number, 'auto', 'gcv' or 'trace:C', got {damping!r}")
+    else:
+        if float(y @ y) == 0:
+            raise ValueError("damping='evidence' needs targets that are not all zero")
+        curve = system.evidence(y, lams)
+        i = int(torch.argmax(curve))
+    return Damping(float(lams[i]), rule, float(GRID[i]), lams.tolist(), curve.tolist())
+
+
+def _by_edof(system: DampedSystem, f: float) -> Damping:
+    """The ``lam`` with ``tr(K (K + lam I)^-1) = f min(n, k)``, interpolated in ``log lam``
+    on ``EDOF_GRID`` (its edge when the target lies outside); curve: dof / min(n, k)."""
+    _check_system(system, "edof")
+    lams = EDOF_GRID * system.base
+    frac = system.edof(lams) / system.dim  # decreasing in lam
+    above = int((frac >= f).sum())  # frac[:above] >= f > frac[above:]
+    if above == 0 or above == len(lams):
+        lam = float(lams[0] if above == 0 else lams[-1])
+    else:
+        hi, lo = float(frac[above - 1]), float(frac[above])
+        t = (hi - f) / (hi - lo) if hi > lo else 0.0
+        log_lam = (1 - t) * math.log(float(lams[above - 1])) + t * math.log(float(lams[above]))
+        lam = math.exp(log_lam)
+    return Damping(lam, f"edof:{f:g}", lam / system.base, lams.tolist(), frac.tolist())

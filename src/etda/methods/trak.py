@@ -2,8 +2,9 @@
 
 Members combine by averaging the kernel term and Q separately (Park et al., 2023).
 Damping: ``"auto"`` (the spectral-mean rule of ``etda.methods.solve``), ``"gcv"``,
-``"trace:c"`` or a number. The solve runs in feature or sample space (``form``), whichever is
-smaller; with projection ``"none"`` it is exact (no projection error).
+``"evidence"``, ``"edof:f"``, ``"trace:c"`` or a number. The solve runs in feature or sample
+space (``form``), whichever is smaller; with projection ``"none"`` it is exact (no projection
+error).
 
 ``solve="shared"``: instead of one solve per member, the members' kernels (``Phi_m Phi_m^T``)
 and test-train kernels are averaged and solved once, with the damping rule applied to the
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from etda.features.blocks import Features, TrainFeatures
 from etda.methods.base import Diagonal, KernelTimesMeanQ, MemberContext, MemberFactors, Method
-from etda.methods.solve import DampedSystem, choose_damping
+from etda.methods.solve import CRITERIA, DampedSystem, choose_damping
 
 SOLVES = ("member", "shared")
 
@@ -39,7 +40,7 @@ class TRAK(Method):
 
     @property
     def streamable(self) -> bool:
-        return self.damping != "gcv" and self.solve == "member"
+        return self.damping not in CRITERIA and self.solve == "member"
 
     @property
     def shared_solve(self) -> bool:

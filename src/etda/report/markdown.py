@@ -215,10 +215,7 @@ def _ratio_table(ratios: list[dict]) -> list[str]:
                 r["label"],
                 _f(r["lds"]),
                 k_text,
-                *(
-                    f"{b}{r['ratios'][c]:.3f}" if c in r["ratios"] else "–"
-                    for c in RATIO_NAMES
-                ),
+                *(f"{b}{r['ratios'][c]:.3f}" if c in r["ratios"] else "–" for c in RATIO_NAMES),
             ]
         )
     header = ["method", "configuration", "LDS", "naive models of equal LDS"]

@@ -14,6 +14,7 @@ nowhere by :class:`etda.SequenceTask` and by training). The model masks attentio
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -94,8 +95,9 @@ class BPEBundle(TextBundle):
         if not self.tokenizer_json:
             raise ValueError(f"BPEBundle {self.name!r} needs its tokenizer_json")
 
-    @property
+    @functools.cached_property
     def vocab(self) -> BPEVocabulary:  # type: ignore[override]
+        """The tokenizer, parsed once per bundle."""
         return BPEVocabulary(self.tokenizer_json)
 
     @property

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from etda.models.transformer import generate
+
 
 class GPT2LM(nn.Module):
     """Token ids ``(B, T)`` (``T <= n_positions``) -> logits ``(B, T, vocab_size)``."""
@@ -58,7 +60,6 @@ class GPT2LM(nn.Module):
         mask = (x != self.pad_id).long()
         return self.lm(input_ids=x, attention_mask=mask, use_cache=False).logits
 
-    @torch.no_grad()
     def generate(
         self,
         prompt: Tensor,
@@ -66,22 +67,6 @@ class GPT2LM(nn.Module):
         temperature: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Continue token ids ``prompt (L,)`` by ``length`` tokens: returns ``(L + length,)``
-        (greedy at ``temperature=0``, else sampled with ``generator``); eval mode inside."""
-        if prompt.ndim != 1 or prompt.numel() == 0:
-            raise ValueError("prompt must be a non-empty 1-D tensor of token ids")
-        was = self.training
-        self.eval()
-        try:
-            ids = prompt.long().clone()
-            for _ in range(length):
-                logits = self(ids[-self.block_size :][None])[0, -1].double()
-                if temperature <= 0:
-                    nxt = logits.argmax()
-                else:
-                    probs = torch.softmax(logits / temperature, dim=-1)
-                    nxt = torch.multinomial(probs, 1, generator=generator)[0]
-                ids = torch.cat([ids, nxt.reshape(1)])
-        finally:
-            self.train(was)
-        return ids
+        """Continue token ids ``prompt (L,)`` by ``length`` tokens
+        (:func:`etda.models.transformer.generate`)."""
+        return generate(self, self.block_size, prompt, length, temperature, generator)

@@ -123,7 +123,6 @@ class CharTransformer(nn.Module):
             h = block(h)
         return self.head(self.ln_f(h))
 
-    @torch.no_grad()
     def generate(
         self,
         prompt: Tensor,
@@ -131,26 +130,40 @@ class CharTransformer(nn.Module):
         temperature: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Continue token ids ``prompt (L,)`` by ``length`` tokens: returns ``(L + length,)``.
+        """Continue token ids ``prompt (L,)`` by ``length`` tokens (:func:`generate`)."""
+        return generate(self, self.block_size, prompt, length, temperature, generator)
 
-        ``temperature=0``: greedy; otherwise sampling from ``softmax(logits / temperature)``
-        with ``generator`` (seed it for reproducible output). The context is the last
-        ``block_size`` tokens. Runs in eval mode (dropout off); the mode is restored.
-        """
-        if prompt.ndim != 1 or prompt.numel() == 0:
-            raise ValueError("prompt must be a non-empty 1-D tensor of token ids")
-        was = self.training
-        self.eval()
-        try:
-            ids = prompt.long().clone()
-            for _ in range(length):
-                logits = self(ids[-self.block_size :][None])[0, -1].double()
-                if temperature <= 0:
-                    nxt = logits.argmax()
-                else:
-                    probs = torch.softmax(logits / temperature, dim=-1)
-                    nxt = torch.multinomial(probs, 1, generator=generator)[0]
-                ids = torch.cat([ids, nxt.reshape(1)])
-        finally:
-            self.train(was)
-        return ids
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    block_size: int,
+    prompt: Tensor,
+    length: int,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Continue token ids ``prompt (L,)`` by ``length`` tokens with a causal LM ``model``
+    (ids ``(1, T)`` -> logits ``(1, T, V)``): returns ``(L + length,)``.
+
+    ``temperature=0``: greedy; otherwise sampling from ``softmax(logits / temperature)``
+    with ``generator`` (seed it for reproducible output). The context is the last
+    ``block_size`` tokens. Runs in eval mode (dropout off); the mode is restored.
+    """
+    if prompt.ndim != 1 or prompt.numel() == 0:
+        raise ValueError("prompt must be a non-empty 1-D tensor of token ids")
+    was = model.training
+    model.eval()
+    try:
+        ids = prompt.long().clone()
+        for _ in range(length):
+            logits = model(ids[-block_size:][None])[0, -1].double()
+            if temperature <= 0:
+                nxt = logits.argmax()
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)[0]
+            ids = torch.cat([ids, nxt.reshape(1)])
+    finally:
+        model.train(was)
+    return ids

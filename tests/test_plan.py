@@ -7,12 +7,13 @@ import re
 from pathlib import Path
 
 import datagate
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from etda.bench.sweeps import BenchConfig
 from etda.cli import app
-from etda.plan import CLIP_MARGIN, parse_seconds, parse_size, plan
+from etda.plan import CLIP_MARGIN, parse_seconds, parse_size, plan, theory_lds
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 2**20  # etda.cost.human_bytes units
@@ -61,6 +62,7 @@ def _write(folder: Path, records: list[dict], setting: str = "toy", epochs: int 
 # naive: LDS exactly 0.44 - 0.12 / K, 10 s training and 5 s serving and 100 MB per model;
 # dropout: LDS exactly 0.41 - 0.16 / M, serve 2 + 5 M s, bytes 1 MB + 100 MB M;
 # checkpoints: one measured size (not extrapolated), the best LDS but 30 s of serving.
+# The planner predicts them from the variance theory (the a - b/n form is not the theory's).
 TOY = [
     _rec("none", 1, None, 0.32, 10.0, 5.0, 100 * MB),
     _rec("none", 2, None, 0.38, 20.0, 10.0, 200 * MB),
@@ -75,6 +77,22 @@ TOY = [
 @pytest.fixture
 def toy(tmp_path) -> list[Path]:
     return [_write(tmp_path / "toy", TOY)]
+
+
+def _naive_theory(k: int) -> float:
+    """The theory's naive LDS at K = ``k`` fitted to TOY's naive rows independently of the
+    planner (scipy's bounded least squares): rho1 sqrt(K / (1 + (K - 1) a_b))."""
+    from scipy.optimize import curve_fit
+
+    ks = np.array([1.0, 2.0, 4.0])
+    (rho1, a_b), _ = curve_fit(
+        lambda x, r, a: r * np.sqrt(x / (1 + (x - 1) * a)),
+        ks,
+        np.array([0.32, 0.38, 0.41]),
+        p0=(0.3, 0.5),
+        bounds=([0, 0], [1, 1]),
+    )
+    return float(rho1 * np.sqrt(k / (1 + (k - 1) * a_b)))
 
 
 def _by_key(p) -> dict:
@@ -135,9 +153,9 @@ def test_unconstrained_picks_the_best_measured(toy):
 def test_serve_budget_alone(toy):
     p = plan("toy", budget_train=None, budget_serve=25, budget_bytes=None, results=toy)
     rec = p.recommendation
-    # checkpoints (30 s) is out; naive K = 5 serves 25 s and is predicted at 0.44 - 0.12/5
+    # checkpoints (30 s) is out; naive K = 5 serves 25 s and is predicted by the theory
     assert rec.key == "trak/none/k5/m1" and not rec.measured
-    assert rec.lds == pytest.approx(0.44 - 0.12 / 5)
+    assert rec.lds == pytest.approx(_naive_theory(5), abs=1e-6)
     assert rec.serve_s == pytest.approx(25.0) and rec.train_s == pytest.approx(50.0)
     for c in p.feasible:
         assert c.serve_s <= 25
@@ -162,7 +180,7 @@ def test_train_budget_alone_and_combined(toy):
     assert all(r.broken == ("train",) for r in p.rejected)
     both = plan("toy", budget_train=35, budget_serve=25, budget_bytes=None, results=toy)
     assert both.recommendation.key == "trak/none/k3/m1"  # 30 s train, 15 s serve
-    assert both.recommendation.lds == pytest.approx(0.40)
+    assert both.recommendation.lds == pytest.approx(_naive_theory(3), abs=1e-6)
     broken = {r.candidate.key: r.broken for r in both.rejected}
     assert broken["trak/none/k4/m1"] == ("train",)
     assert broken["trak/checkpoints/k1/m3"] == ("serve",)
@@ -241,8 +259,10 @@ def test_measured_rows_keep_their_exact_figures(toy):
         assert c.label == rec["label"] and (c.models, c.members) == (rec["models"], rec["m"])
 
 
-def test_predicted_lds_is_capped_monotone_and_bounded(toy):
-    p = plan("toy", budget_train=None, budget_serve=None, budget_bytes=None, results=toy)
+def test_fallback_lds_is_capped_monotone_and_bounded(tmp_path):
+    # without naive rows a_b is unknown: the a - b/n fit of each family stands in
+    path = _write(tmp_path / "toy", [r for r in TOY if r["ensemble"] != "none"])
+    p = plan("toy", budget_train=None, budget_serve=None, budget_bytes=None, results=[path])
     drop = sorted((c for c in p.candidates if c.family == "dropout"), key=lambda c: c.members)
     pred = [c for c in drop if not c.measured]
     cap = 0.37 + CLIP_MARGIN
@@ -254,12 +274,41 @@ def test_predicted_lds_is_capped_monotone_and_bounded(toy):
     assert by["trak/dropout/k1/m8"].lds == pytest.approx(cap)  # fit 0.39, capped at 0.38
     # costs of the dropout family's line: serve 2 + 5 M, bytes 1 MB + 100 MB M, one model
     assert by["trak/dropout/k1/m8"].costs() == pytest.approx((10.0, 42.0, 801 * MB))
-    naive = [c for c in p.candidates if c.family == "naive"]
-    assert max(c.models for c in naive) == 8
-    assert max(c.lds for c in naive) <= 0.41 + CLIP_MARGIN + 1e-12
+    assert not p.theory and "a_b unknown" in p.unfitted["trak/dropout/*/*"]
+    assert "fallback where the theory is not fitted" in p.explain()
     # one measured size: measured only, never extrapolated
     assert [c.members for c in p.candidates if c.family == "checkpoints"] == [3]
     assert any("checkpoints" in s for s in p.single)
+
+
+def test_theory_lds_is_monotone_and_bounded(toy):
+    p = plan("toy", budget_train=None, budget_serve=None, budget_bytes=None, results=toy)
+    fits = {f.family: f for f in p.theory}
+    naive, drop = fits["naive"], fits["dropout"]
+    assert 0 <= naive.a_b == drop.a_b <= drop.a_w <= 1
+    cands = [c for c in p.candidates if c.ensemble == "dropout"]
+    one = sorted((c for c in cands if c.models == 1), key=lambda c: c.members)
+    assert one and max(c.members for c in one) == 8  # at most 2x the largest measured M
+    assert all(a.lds <= b.lds for a, b in zip(one, one[1:], strict=False))  # monotone in M
+    two = {c.members: c.lds for c in cands if c.models == 2}
+    assert all(two[c.members] > c.lds for c in one if c.members in two)  # more models help
+    by = _by_key(p)
+    expected = theory_lds(drop.rho1, drop.a_w, drop.a_b, 1, 3)
+    assert by["trak/dropout/k1/m3"].lds == pytest.approx(float(expected))
+    assert "theory fit of dropout" in by["trak/dropout/k1/m3"].basis
+    # costs of the dropout family's line, per model: serve 2 + 5 M, bytes 1 MB + 100 MB M
+    assert by["trak/dropout/k1/m8"].costs() == pytest.approx((10.0, 42.0, 801 * MB))
+    assert by["trak/dropout/k2/m2"].costs() == pytest.approx((20.0, 24.0, 402 * MB))
+    # naive: K up to 2x the largest measured, below the ceiling rho1 / sqrt(a_b)
+    naive_c = sorted((c for c in p.candidates if c.family == "naive"), key=lambda c: c.models)
+    assert max(c.models for c in naive_c) == 8
+    pred = [c for c in naive_c if not c.measured]
+    assert all(a.lds < b.lds for a, b in zip(pred, pred[1:], strict=False))
+    assert all(c.lds < naive.rho1 / np.sqrt(naive.a_b) for c in pred)
+    # one measured size: measured only, never extrapolated
+    assert [c.members for c in p.candidates if c.family == "checkpoints"] == [3]
+    assert any("checkpoints" in s for s in p.single)
+    assert "one measured configuration" in p.unfitted["trak/checkpoints/*/*"]
 
 
 def test_flat_fit_when_more_members_do_not_help(tmp_path):
@@ -298,9 +347,10 @@ def test_hybrids_and_lora_adapters(tmp_path):
 def test_explain_says_what_is_measured_and_what_predicted(toy):
     p = plan("toy", budget_train=35, budget_serve=25, budget_bytes=None, results=toy)
     text = p.explain()
-    assert "naive 3 (K=3, M=1, exact kernel): predicted LDS 0.4000" in text
+    assert f"naive 3 (K=3, M=1, exact kernel): predicted LDS {_naive_theory(3):.4f}" in text
     assert "train 30.0 s ≤ 35.0 s ✓, serve 15.0 s ≤ 25.0 s ✓, space 300.0 MB (no budget)" in text
     assert "least squares on measured K = 1, 2, 4" in text
+    assert "predicted from the theory fit of naive" in text
     assert "not extrapolated (one measured size): checkpoints" in text
     assert "naive 3" in text and "itself the best naive" in text
     assert str(toy[0]) in text

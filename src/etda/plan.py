@@ -6,21 +6,31 @@ model, projection dimension) with an expected LDS and expected costs:
 
 * **measured** candidates are the benchmarked configurations of the method; their LDS
   (mean ± s.e.) and costs (train, serve, bytes) are copied exactly from ``results.json``;
-* **predicted** candidates are sizes that were not benchmarked, extrapolated per *family*
-  (same kind and options; naive, a dropout kind, LoRA, checkpoints, ``hybrid-<kind>``):
+* **predicted** candidates are sizes that were not benchmarked, from the ensemble-variance
+  theory (:mod:`etda.evaluate.variance`) fitted per *family* (one kind and its options:
+  naive, a dropout kind, LoRA, checkpoints, ..., a kind's hybrids K x M included):
 
-  - LDS along the family's size axis ``n`` (naive: K; one-model kinds: M; hybrids: K at a
-    measured M and M at a measured K) is fitted as ``LDS(n) = a - b / n`` by least squares
-    on the family's measured sizes, with ``b >= 0`` (never worse with more members; a flat
-    line where the data falls), capped at the family's best measured LDS + ``CLIP_MARGIN``
-    and only predicted from half the smallest to ``MAX_EXTRAPOLATION`` x the largest
-    measured size (checkpoints: at most one per epoch). A family (axis) with a single
-    measured size is not extrapolated. The ± of a predicted LDS is the s.e. of the nearest
-    measured size, not the error of the fit;
+  - ``LDS(K, M) = rho1 sqrt(K M / (1 + (M-1) a_w + M (K-1) a_b))`` with the dimensionless
+    ``a_w = c_w / v`` (two members of one trained model) and ``a_b = c_b / v`` (members of
+    different models): the naive rows (M = 1) fit ``rho1`` and ``a_b`` by least squares, a
+    kind's rows its member's ``rho1`` and ``a_w`` given that ``a_b``, with
+    ``0 <= a_b <= a_w <= 1`` (:func:`fit_theory`); two parameters need two measured
+    configurations, so a family with one is not fitted (and not extrapolated). Predicted
+    for K up to ``MAX_EXTRAPOLATION`` x the largest measured naive K and M (on ``M_GRID``)
+    up to that x the kind's largest measured M (checkpoints: at most one per epoch). Every
+    measured configuration is also compared with the theory's leave-one-out prediction
+    (the fit without it; :attr:`Plan.comparison`), in units of its measured s.e.;
+  - where the theory cannot be fitted (no naive fit with the family's options, so ``a_b``
+    is unknown), the former fit: ``LDS(n) = a - b / n`` along the family's size axis ``n``
+    (naive: K; one-model kinds: M; hybrids: K at a measured M and M at a measured K) by
+    least squares, ``b >= 0``, capped at the family's best measured LDS + ``CLIP_MARGIN``,
+    from half the smallest to ``MAX_EXTRAPOLATION`` x the largest measured size;
+  - the ± of a predicted LDS is the s.e. of the nearest measured configuration, not the
+    error of the fit;
   - costs are linear in the family's measured rows (non-negative least squares): train =
     per-model training x K (+ per-adapter fine-tuning x K x M for LoRA), serve and bytes =
-    a fixed part + a per-member cost x K x M; where a family has a single member count the
-    naive ensemble's per-member costs stand in.
+    a fixed part (per trained model for the theory's K x M) + a per-member cost x K x M;
+    where a family has a single member count the naive ensemble's per-member costs stand in.
 
 The recommendation is the candidate with the highest expected LDS among those within every
 budget (``None``: unconstrained); ties go to the cheaper training, then serving, then bytes.
@@ -197,7 +207,9 @@ class LDSFit:
 class CostFit:
     """Linear costs of a family: train = ``t_model`` K + ``t_member`` K M; serve and bytes =
     fixed + per-member x K M. ``points``: measured rows it was fitted on; ``borrowed``: the
-    per-member costs come from the naive ensemble (a single member count in the family)."""
+    per-member costs come from the naive ensemble (a single member count in the family);
+    ``per_model``: the fixed parts are per trained model (x K; used for the theory's K x M
+    predictions of a kind, whose one-model costs repeat for every model)."""
 
     family: str
     t_model: float
@@ -208,13 +220,14 @@ class CostFit:
     bytes1: float
     points: int
     borrowed: bool = False
+    per_model: bool = False
 
     def predict(self, k: int, m: int) -> tuple[float, float, float]:
-        n = k * m
+        n, times = k * m, k if self.per_model else 1
         return (
             self.t_model * k + self.t_member * n,
-            self.serve0 + self.serve1 * n,
-            self.bytes0 + self.bytes1 * n,
+            self.serve0 * times + self.serve1 * n,
+            self.bytes0 * times + self.bytes1 * n,
         )
 
     def describe(self) -> str:
@@ -222,9 +235,10 @@ class CostFit:
         if self.t_member:
             train += f" + {fmt_seconds(self.t_member)}/adapter"
         src = "naive per-member costs" if self.borrowed else "non-negative least squares"
+        per = "/model" if self.per_model else ""
         return (
-            f"{self.family} costs: {train}; serve {fmt_seconds(self.serve0)} + "
-            f"{fmt_seconds(self.serve1)}/member; space {human_bytes(self.bytes0)} + "
+            f"{self.family} costs: {train}; serve {fmt_seconds(self.serve0)}{per} + "
+            f"{fmt_seconds(self.serve1)}/member; space {human_bytes(self.bytes0)}{per} + "
             f"{human_bytes(self.bytes1)}/member ({src}, {self.points} measured row(s))"
         )
 
@@ -235,9 +249,12 @@ class Plan:
 
     ``feasible``: candidates within every budget, best first (``feasible[0]`` is the
     recommendation); ``rejected``: the others, best LDS first, with the budgets they break;
-    ``naive``: the best naive ensemble within the budgets (None if none fits); ``fits`` /
-    ``cost_fits``: the extrapolations behind the predicted candidates; ``single``: families
-    with one measured size (not extrapolated).
+    ``naive``: the best naive ensemble within the budgets (None if none fits); ``theory``:
+    the variance-theory fits behind the predicted candidates, ``unfitted``: why the other
+    families have none (by variant), ``comparison``: every measured configuration next to
+    the theory's leave-one-out prediction; ``fits``: the ``a - b/n`` fallbacks where the
+    theory is not fitted; ``cost_fits``: the cost lines; ``single``: families with one
+    measured size (not extrapolated).
     """
 
     setting: str
@@ -252,6 +269,9 @@ class Plan:
     single: list[str]
     sources: list[Path]
     notes: list[str] = field(default_factory=list)
+    theory: list[TheoryFit] = field(default_factory=list)
+    unfitted: dict[str, str] = field(default_factory=dict)
+    comparison: list[Comparison] = field(default_factory=list)
 
     @property
     def candidates(self) -> list[Candidate]:
@@ -260,7 +280,12 @@ class Plan:
     def pareto(self) -> list[Candidate]:
         """The feasible candidates (best first) that no other feasible one dominates, i.e.
         matches or beats on LDS and every cost and strictly on one of them."""
-        return [c for c in self.feasible if not any(_dominates(o, c) for o in self.feasible)]
+        front: list[Candidate] = []  # best LDS, then cheapest, first: a dominator comes first
+        for c in sorted(self.feasible, key=lambda c: (-c.lds, *c.costs())):
+            if not any(_dominates(o, c) for o in front):
+                front.append(c)
+        keep = {id(c) for c in front}
+        return [c for c in self.feasible if id(c) in keep]
 
     def explain(self) -> str:
         """The recommendation, why, how it compares with the naive ensemble, and where
@@ -287,24 +312,45 @@ class Plan:
         if better:
             lines.append("Better LDS, but over budget:")
             lines += [f"  {r.candidate.headline()}: {r.candidate.against(b)}" for r in better]
-        lines.append("Where the figures come from:")
+        lines += self._sources()
+        lines += [f"Note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def _sources(self) -> list[str]:
+        """Where the figures come from: the files, the theory fits, the fallbacks, costs."""
         srcs = ", ".join(str(p) for p in self.sources)
-        lines.append(f"  measured: LDS and costs copied exactly from {srcs}.")
-        lines.append(
-            "  predicted: per-family fits on the measured rows of that family (LDS(n) = a - b/n, "
-            f"b >= 0, capped at the family's best measured LDS + {CLIP_MARGIN}, sizes from half "
-            f"the smallest to {MAX_EXTRAPOLATION:g}x the largest measured; costs linear in K "
-            "and K x M); a predicted ± is the s.e. of the nearest measured size, not the fit's "
-            "error."
-        )
-        lines += [f"  - {f.describe()}" for f in self.fits]
-        lines += [f"  - {f.describe()}" for f in self.cost_fits]
+        lines = [
+            "Where the figures come from:",
+            f"  measured: LDS and costs copied exactly from {srcs}.",
+            f"  predicted: the variance theory, {THEORY_FORMULA} with a_w = c_w/v and a_b = "
+            "c_b/v, fitted per family by least squares (naive rows fit rho1 and a_b, each "
+            "kind's K x M rows its member's rho1 and a_w given that a_b; 0 <= a_b <= a_w <= 1);"
+            f" K up to {MAX_EXTRAPOLATION:g}x the largest measured naive K, M up to "
+            f"{MAX_EXTRAPOLATION:g}x the kind's largest measured M (checkpoints: one per "
+            "epoch); costs linear in K and K x M; a predicted ± is the s.e. of the nearest "
+            "measured configuration, not the fit's error.",
+        ]
+        lines += [f"  - {f.describe()}" for f in self.theory]
+        if self.comparison:
+            lines.append(f"  theory vs measured: {comparison_summary(self.comparison)}.")
+        if self.unfitted:
+            lines.append("  theory not fitted:")
+            lines += [f"  - {v}: {why}" for v, why in sorted(self.unfitted.items())]
+        if self.fits:
+            lines.append(
+                "  fallback where the theory is not fitted: LDS(n) = a - b/n along one size "
+                f"axis, b >= 0, capped at the family's best measured LDS + {CLIP_MARGIN}, "
+                f"sizes from half the smallest to {MAX_EXTRAPOLATION:g}x the largest measured:"
+            )
+            lines += [f"  - {f.describe()}" for f in self.fits]
+        if self.cost_fits:
+            lines.append("  costs (linear in K and K x M):")
+            lines += [f"  - {f.describe()}" for f in self.cost_fits]
         if self.single:
             lines.append(
                 "  not extrapolated (one measured size): " + ", ".join(sorted(self.single))
             )
-        lines += [f"Note: {n}" for n in self.notes]
-        return "\n".join(lines)
+        return lines
 
     def _naive_line(self) -> str:
         rec, nv = self.recommendation, self.naive
@@ -399,6 +445,18 @@ def load_records(
     return list(merged.values()), files, meta
 
 
+def load_variance(files: Sequence[str | os.PathLike]) -> list[dict]:
+    """The variance runs (``results.json``'s ``variance`` entry) of ``files`` that have one."""
+    from etda.bench.results import load_results
+
+    out = []
+    for path in files:
+        entry = load_results(path).get("variance")
+        if isinstance(entry, dict) and entry.get("stats"):
+            out.append(entry)
+    return out
+
+
 # ------------------------------------------------------------------------- candidates
 
 
@@ -442,18 +500,24 @@ def _nnls(cols: list[np.ndarray], y: np.ndarray) -> np.ndarray:
     return coef
 
 
-def _fit_line(n: np.ndarray, y: np.ndarray, slope: float | None) -> tuple[float, float, bool]:
-    """``y = fixed + per * n`` (both >= 0); with one distinct ``n``, the given ``slope``
-    (or proportional costs without one) and the mean remainder as the fixed part."""
+def _fit_line(
+    n: np.ndarray, y: np.ndarray, slope: float | None, base: np.ndarray | None = None
+) -> tuple[float, float, bool]:
+    """``y = fixed * base + per * n`` (both >= 0; ``base``: ones, or K for a fixed part per
+    model); with one distinct ``n``, the given ``slope`` (or proportional costs without one)
+    and the mean remainder as the fixed part."""
+    base = np.ones_like(n) if base is None else base
     if len(set(n.tolist())) >= 2:
-        fixed, per = _nnls([np.ones_like(n), n], y)
+        fixed, per = _nnls([base, n], y)
         return float(fixed), float(per), False
     if slope is None:
         return 0.0, float(np.mean(y / n)), False
-    return float(max(np.mean(y - slope * n), 0.0)), slope, True
+    return float(max(np.mean((y - slope * n) / base), 0.0)), slope, True
 
 
-def _cost_fit(family: str, rows: list[dict], naive: CostFit | None) -> CostFit:
+def _cost_fit(
+    family: str, rows: list[dict], naive: CostFit | None, per_model: bool = False
+) -> CostFit:
     k = np.array([r["models"] for r in rows], np.float64)
     n = k * np.array([r["m"] for r in rows], np.float64)
     train = np.array([r["costs"]["train_s"] for r in rows], np.float64)
@@ -473,9 +537,10 @@ def _cost_fit(family: str, rows: list[dict], naive: CostFit | None) -> CostFit:
         t_member = float(max(np.mean((train - t_model * k) / n), 0.0))
     serve = np.array([r["costs"]["serve_s"] for r in rows], np.float64)
     size = np.array([r["costs"]["bytes"] for r in rows], np.float64)
-    s0, s1, b1 = _fit_line(n, serve, naive.serve1 if naive else None)
-    z0, z1, b2 = _fit_line(n, size, naive.bytes1 if naive else None)
-    return CostFit(family, t_model, t_member, s0, s1, z0, z1, len(rows), b1 or b2)
+    base = k if per_model else None
+    s0, s1, b1 = _fit_line(n, serve, naive.serve1 if naive else None, base)
+    z0, z1, b2 = _fit_line(n, size, naive.bytes1 if naive else None, base)
+    return CostFit(family, t_model, t_member, s0, s1, z0, z1, len(rows), b1 or b2, per_model)
 
 
 def _lds_fit(family: str, variant: str, axis: str, fixed: int, pts: list[dict]) -> LDSFit:
@@ -509,94 +574,525 @@ def _grid(fit: LDSFit, max_m: int | None) -> list[int]:
     return out
 
 
-def build_candidates(
-    records: list[dict], method: str, epochs: int | None = None
-) -> tuple[list[Candidate], list[LDSFit], list[CostFit], list[str]]:
-    """Measured and predicted candidates of ``method`` from benchmark ``records``.
+# ------------------------------------------------------------------ the variance theory
 
-    ``epochs``: the recipe's epochs (checkpoint ensembles take at most one per epoch).
-    Returns (candidates, the LDS fits, the cost fits, families not extrapolated).
+THEORY_GRID = 201  # grid points of the profile search over a_b or a_w (then refined)
+THEORY_FORMULA = "LDS(K, M) = rho1 sqrt(K M / (1 + (M-1) a_w + M (K-1) a_b))"
+
+
+def theory_lds(
+    rho1: float, a_w: float, a_b: float, k: float | np.ndarray, m: float | np.ndarray
+) -> np.ndarray:
+    """``rho1 sqrt(K M / (1 + (M - 1) a_w + M (K - 1) a_b))``: the LDS of a K x M ensemble
+    whose members have LDS ``rho1`` and covariances ``a_w = c_w / v`` (same trained model)
+    and ``a_b = c_b / v`` (different models), as in :mod:`etda.evaluate.variance`."""
+    k, m = np.asarray(k, np.float64), np.asarray(m, np.float64)
+    return rho1 * np.sqrt(k * m / (1.0 + (m - 1.0) * a_w + m * (k - 1.0) * a_b))
+
+
+@dataclass(frozen=True)
+class TheoryFit:
+    """The variance theory fitted to one family's measured rows (one method and options).
+
+    ``family``: ``naive`` (``rho1`` and ``a_b`` fitted on its K = 1, 2, ...; ``a_w`` None)
+    or an ensemble kind (its member's ``rho1`` and ``a_w`` fitted on its K x M rows, with
+    ``a_b`` from the naive fit of the same options); ``points``: the (K, M) fitted on;
+    ``bound``: the constraints ``0 <= a_b <= a_w <= 1`` that bind; ``measured``: c_w/v,
+    c_b/v and rho(1,1) of the sweep's variance run of this family (None: no run);
+    predictions for K <= ``k_max`` and M <= ``m_max``.
     """
-    from etda.bench.sweeps import BenchConfig
 
-    rows = [
+    method: str
+    family: str
+    variant: str
+    rho1: float
+    a_w: float | None
+    a_b: float
+    points: tuple[tuple[int, int], ...]
+    rmse: float
+    bound: tuple[str, ...] = ()
+    measured: dict | None = None
+    k_max: int = 1
+    m_max: int = 1
+
+    def predict(self, k: int, m: int) -> float:
+        a_w = self.a_b if self.a_w is None else self.a_w
+        return float(min(theory_lds(self.rho1, a_w, self.a_b, k, m), 1.0))
+
+    def params(self) -> str:
+        """``rho1 0.3412, a_w 0.762, a_b 0.556``."""
+        a_w = "" if self.a_w is None else f", a_w {self.a_w:.3f}"
+        return f"rho1 {self.rho1:.4f}{a_w}, a_b {self.a_b:.3f}"
+
+    def describe(self) -> str:
+        if self.family == "naive":
+            on = "K = " + ", ".join(str(k) for k, _ in self.points)
+            reach = f"K = 1..{self.k_max}"
+        else:
+            on = "K x M = " + ", ".join(f"{k}x{m}" for k, m in self.points)
+            reach = f"K <= {self.k_max}, M <= {self.m_max}"
+        text = (
+            f"{self.family} ({self.variant}): {self.params()}"
+            f"{'' if self.family == 'naive' else ' (a_b from the naive fit)'}, least squares "
+            f"on measured {on} (rms residual {self.rmse:.4f}), predicted for {reach}"
+        )
+        if self.bound:
+            text += f"; at the bound {', '.join(self.bound)}"
+        if self.measured:
+            mv = self.measured
+            rho = f", rho(1,1) {mv['rho1']:.4f} (Spearman)" if mv.get("rho1") is not None else ""
+            text += (
+                f"; measured on the {mv['K']}x{mv['M']} variance run: c_w/v {mv['a_w']:.3f}, "
+                f"c_b/v {mv['a_b']:.3f}{rho}"
+            )
+        return text
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A measured configuration next to the theory: ``fitted`` by the fit on every row of its
+    family, ``predicted`` by the fit without it (leave-one-out; None with ``note`` saying
+    why there is none)."""
+
+    key: str
+    label: str
+    family: str
+    models: int
+    members: int
+    lds: float
+    sem: float
+    fitted: float | None
+    predicted: float | None
+    note: str = ""
+
+    @property
+    def options(self) -> str:
+        """The key's options after K and M (projection, damping, the kind's own)."""
+        return "/".join(self.key.split("/")[4:])
+
+    @property
+    def z(self) -> float | None:
+        """(leave-one-out prediction - measured) / the measured s.e."""
+        if self.predicted is None or not self.sem > 0:
+            return None
+        return (self.predicted - self.lds) / self.sem
+
+
+@dataclass
+class Theory:
+    """The theory fits of one method's records: ``fits`` and ``reasons`` (why a family is
+    not fitted) by variant; ``comparison``: one row per measured configuration."""
+
+    fits: dict[str, TheoryFit]
+    reasons: dict[str, str]
+    comparison: list[Comparison]
+
+
+def comparison_summary(rows: Sequence[Comparison]) -> str:
+    """``12 leave-one-out predictions: mean |diff| 0.84 s.e., ...`` (or why there are none)."""
+    zs = [(abs(z), c) for c in rows if (z := c.z) is not None]
+    if not zs:
+        return f"no leave-one-out predictions (of {len(rows)} measured configuration(s))"
+    a = np.array([z for z, _ in zs])
+    worst = max(zs, key=lambda t: t[0])[1]
+    return (
+        f"{len(zs)} leave-one-out prediction(s) of {len(rows)} measured configuration(s): "
+        f"mean |diff| {a.mean():.2f} s.e., rms {np.sqrt(np.mean(a**2)):.2f}, max "
+        f"{a.max():.2f} ({worst.label}); within 1 s.e. {int(np.sum(a <= 1))}, within 2 s.e. "
+        f"{int(np.sum(a <= 2))}"
+    )
+
+
+def _profile(
+    k: np.ndarray, m: np.ndarray, y: np.ndarray, a_b: float | None, lo: float
+) -> tuple[float, float, float]:
+    """Least squares of ``y = rho1 g(a)`` over ``a`` in [``lo``, 1] (``rho1 >= 0`` solved
+    in closed form for each ``a``): ``a`` is ``a_b`` when ``a_b`` is None (naive rows,
+    M = 1), else ``a_w`` with that ``a_b``. Returns (rho1, a, sum of squares)."""
+    from scipy.optimize import minimize_scalar
+
+    def solve(a: float) -> tuple[float, float]:
+        g = theory_lds(1.0, a, a if a_b is None else a_b, k, m)
+        rho1 = max(float(y @ g / (g @ g)), 0.0)
+        return float(np.sum((y - rho1 * g) ** 2)), rho1
+
+    grid = np.linspace(lo, 1.0, THEORY_GRID)
+    i = int(np.argmin([solve(a)[0] for a in grid]))
+    best = float(grid[i])
+    if grid[-1] > grid[0]:
+        bracket = (float(grid[max(i - 1, 0)]), float(grid[min(i + 1, len(grid) - 1)]))
+        res = minimize_scalar(
+            lambda a: solve(a)[0], bounds=bracket, method="bounded", options={"xatol": 1e-10}
+        )
+        if res.success and res.fun < solve(best)[0]:
+            best = float(res.x)
+    sse, rho1 = solve(best)
+    return rho1, best, sse
+
+
+def _bounds(a_w: float | None, a_b: float, tol: float = 1e-6) -> tuple[str, ...]:
+    out = []
+    if a_b <= tol:
+        out.append("a_b = 0")
+    if a_w is None and a_b >= 1 - tol:
+        out.append("a_b = 1")
+    if a_w is not None and a_w - a_b <= tol:
+        out.append("a_w = a_b")
+    if a_w is not None and a_w >= 1 - tol:
+        out.append("a_w = 1")
+    return tuple(out)
+
+
+def _configs(rows: Sequence[dict]) -> list[tuple[int, int]]:
+    return sorted({(int(r["models"]), int(r["m"])) for r in rows})
+
+
+def fit_family(rows: Sequence[dict], naive: TheoryFit | None = None) -> TheoryFit | str:
+    """The theory fitted to one family's measured ``rows`` (records of one method and
+    variant), or why it cannot be: naive rows (``naive`` None) fit ``rho1`` and ``a_b``,
+    a kind's rows fit its ``rho1`` and ``a_w`` given ``naive.a_b``; two parameters need
+    two measured configurations."""
+    configs = _configs(rows)
+    if not rows:
+        return "no measured rows"
+    k = np.array([r["models"] for r in rows], np.float64)
+    m = np.array([r["m"] for r in rows], np.float64)
+    y = np.array([r["lds"]["mean"] for r in rows], np.float64)
+    ref = rows[0]
+    if naive is None:
+        if len(configs) < 2:
+            return f"one measured size (K = {configs[0][0]}): rho1 and a_b need two"
+        rho1, a_b, sse = _profile(k, m, y, None, 0.0)
+        a_w = None
+    else:
+        if len(configs) < 2:
+            k1, m1 = configs[0]
+            return f"one measured configuration ({k1}x{m1}): rho1 and a_w need two"
+        a_b = naive.a_b
+        rho1, a_w, sse = _profile(k, m, y, a_b, a_b)
+    return TheoryFit(
+        method=ref["method"],
+        family="naive" if naive is None else ref["ensemble"],
+        variant=_variant(ref),
+        rho1=rho1,
+        a_w=a_w,
+        a_b=a_b,
+        points=tuple(configs),
+        rmse=math.sqrt(sse / len(rows)),
+        bound=_bounds(a_w, a_b),
+    )
+
+
+def _naive_variant(variant: str, naive: Sequence[str]) -> str | None:
+    """The naive variant whose options are the longest prefix of ``variant``'s (the same
+    projection and damping; the kind's own options come last in a key)."""
+    opts = variant.split("/")[4:]
+    fits = [n for n in naive if opts[: len(n.split("/")[4:])] == n.split("/")[4:]]
+    return max(fits, key=lambda n: len(n.split("/")), default=None)
+
+
+def _variance_measured(entry: dict) -> dict | None:
+    """c_w/v, c_b/v and rho(1,1) (Spearman, one member) of a sweep's variance run."""
+    st = entry.get("stats") or {}
+    v = st.get("v")
+    if not v or st.get("c_w") is None or st.get("c_b") is None:
+        return None
+    one = [r for r in entry.get("measured", []) if r.get("K") == 1 and r.get("M") == 1]
+    return {
+        "a_w": st["c_w"] / v,
+        "a_b": st["c_b"] / v,
+        "rho1": one[0].get("spearman") if one else None,
+        "K": st.get("K"),
+        "M": st.get("M"),
+    }
+
+
+def _method_rows(records: Sequence[dict], method: str) -> list[dict]:
+    return [
         r
         for r in records
         if r.get("method") == method and math.isfinite(float(r.get("lds", {}).get("mean", "nan")))
     ]
-    measured = {r["key"]: _measured(r) for r in rows}
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["family"], _variant(r)), []).append(r)
 
-    naive_rows = [r for (fam, _), rs in groups.items() if fam == "naive" for r in rs]
+
+def _groups(rows: Sequence[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: (r["models"], r["m"], r["key"])):
+        out.setdefault(_variant(r), []).append(r)
+    return out
+
+
+def fit_theory(
+    records: Sequence[dict],
+    method: str,
+    variance: Sequence[dict] = (),
+    epochs: int | None = None,
+) -> Theory:
+    """The theory fits of ``method``'s families in ``records``, why the others are not fitted,
+    and the leave-one-out comparison with every measured configuration.
+
+    ``variance``: the sweeps' variance runs (shown beside the matching family's fit);
+    ``epochs``: the recipe's (checkpoint ensembles are predicted up to one per epoch).
+    """
+    groups = _groups(_method_rows(records, method))
+    naive_of = {v: rs for v, rs in groups.items() if rs[0]["ensemble"] == "none"}
+    fits: dict[str, TheoryFit] = {}
+    reasons: dict[str, str] = {}
+    anchors: dict[str, TheoryFit | None] = {}
+    for variant in sorted(groups, key=lambda v: (v not in naive_of, v)):  # naive first
+        rs, naive = groups[variant], None
+        if variant not in naive_of:
+            base = _naive_variant(variant, list(naive_of))
+            naive = fits.get(base) if base else None
+            if naive is None:
+                why = reasons.get(base, "?") if base else "no naive rows with its options"
+                reasons[variant] = f"a_b unknown (naive: {why})"
+                anchors[variant] = None
+                continue
+        anchors[variant] = naive
+        fit = fit_family(rs, naive)
+        if isinstance(fit, str):
+            reasons[variant] = fit
+            continue
+        fits[variant] = _with_range(fit, rs, naive, variance, epochs)
+    order = sorted(groups, key=lambda v: (v not in naive_of, v))
+    comparison = [row for v in order for row in _loo(groups[v], anchors[v], fits.get(v), reasons)]
+    return Theory(fits, reasons, comparison)
+
+
+def _with_range(
+    fit: TheoryFit,
+    rows: Sequence[dict],
+    naive: TheoryFit | None,
+    variance: Sequence[dict],
+    epochs: int | None,
+) -> TheoryFit:
+    """``fit`` with its prediction range and the matching variance run's measurements: K up
+    to ``MAX_EXTRAPOLATION`` x the largest naive K, M up to that x the kind's largest M
+    (checkpoints: one per epoch)."""
+    from dataclasses import replace
+
+    k_ref = max(k for k, _ in (naive or fit).points)
+    k_max = int(math.floor(k_ref * MAX_EXTRAPOLATION))
+    m_max = int(math.floor(max(int(r["m"]) for r in rows) * MAX_EXTRAPOLATION))
+    kind = ENSEMBLES.get(rows[0]["ensemble"])
+    if naive is None:
+        m_max = 1
+    elif kind is not None and kind.cls.members_are_checkpoints and epochs is not None:
+        m_max = min(m_max, int(epochs))
+    run = _variance_run(fit, variance)
+    measured = None if run is None else _variance_measured(run)
+    return replace(fit, k_max=k_max, m_max=m_max, measured=measured)
+
+
+def _variance_run(fit: TheoryFit, variance: Sequence[dict]) -> dict | None:
+    """The variance run of ``fit``'s family: same method and kind, its key's options a
+    prefix of the family's (a run's key may leave out an option at its default, e.g.
+    ``p0.1``); the longest such prefix."""
+    opts = fit.variant.split("/")[4:]
+    best, length = None, -1
+    for entry in variance:
+        parts = str(entry.get("key", "")).split("/")
+        if parts[:2] != fit.variant.split("/")[:2] or entry.get("method") != fit.method:
+            continue
+        if opts[: len(parts[4:])] == parts[4:] and len(parts[4:]) > length:
+            best, length = entry, len(parts[4:])
+    return best
+
+
+def _loo(
+    rows: Sequence[dict],
+    naive: TheoryFit | None,
+    fit: TheoryFit | None,
+    reasons: dict[str, str],
+) -> list[Comparison]:
+    """One :class:`Comparison` per row: the fit on all rows and the fit without the row
+    (``naive``: the fit ``a_b`` comes from; None for naive rows or when there is none)."""
+    out = []
+    for i, r in enumerate(rows):
+        k, m = int(r["models"]), int(r["m"])
+        pred, note = None, ""
+        if fit is None:
+            note = f"theory not fitted: {reasons.get(_variant(r), '?')}"
+        else:
+            rest = list(rows[:i]) + list(rows[i + 1 :])
+            loo = fit_family(rest, naive) if rest else "no other rows"
+            if isinstance(loo, TheoryFit):
+                pred = loo.predict(k, m)
+            else:
+                note = f"without it: {loo}"
+        out.append(
+            Comparison(
+                key=r["key"],
+                label=r["label"],
+                family=r["family"],
+                models=k,
+                members=m,
+                lds=float(r["lds"]["mean"]),
+                sem=float(r["lds"]["sem"]),
+                fitted=None if fit is None else fit.predict(k, m),
+                predicted=pred,
+                note=note,
+            )
+        )
+    return out
+
+
+def _new_candidate(
+    method: str, ref: dict, k: int, m: int, lds: float, sem: float, cost: CostFit, basis: str
+) -> Candidate:
+    """A predicted candidate of ``ref``'s variant at K = ``k``, M = ``m``."""
+    from etda.bench.sweeps import BenchConfig
+
+    naive = ref["ensemble"] == "none"
+    cfg = BenchConfig(method, ref["ensemble"], k, None if naive else m)
+    train, serve, nbytes = cost.predict(k, m)
+    return Candidate(
+        key=_key_for(ref, k, m),
+        label=cfg.label,
+        method=method,
+        ensemble=ref["ensemble"],
+        family=cfg.family,
+        models=k,
+        members=1 if naive else m,
+        proj_dim=ref.get("proj_dim"),
+        projection=ref.get("projection"),
+        lds=lds,
+        sem=sem,
+        train_s=train,
+        serve_s=serve,
+        bytes=nbytes,
+        measured=False,
+        basis=basis,
+    )
+
+
+def _theory_candidates(
+    fit: TheoryFit, rows: list[dict], cost: CostFit, measured: dict[str, Candidate]
+) -> list[Candidate]:
+    """The unmeasured K x M of ``fit``'s family within its prediction range (naive: K =
+    1..k_max; a kind: K = 1..k_max x M on ``M_GRID``), predicted by the theory."""
+    ref = rows[0]
+    if fit.family == "naive":
+        sizes = [(k, 1) for k in range(1, fit.k_max + 1)]
+    else:
+        sizes = [(k, m) for k in range(1, fit.k_max + 1) for m in M_GRID if m <= fit.m_max]
+    basis = (
+        f"predicted from the theory fit of {fit.family} ({fit.params()}; {THEORY_FORMULA}, "
+        f"least squares on {len(fit.points)} measured configuration(s)); {cost.describe()}"
+    )
+    out = []
+    for k, m in sizes:
+        if _key_for(ref, k, m) in measured:
+            continue
+
+        def dist(r: dict, k: int = k, m: int = m) -> float:
+            return abs(math.log(r["models"] / k)) + abs(math.log(r["m"] / m))
+
+        near = min(rows, key=dist)
+        sem = float(near["lds"]["sem"])
+        out.append(_new_candidate(fit.method, ref, k, m, fit.predict(k, m), sem, cost, basis))
+    return out
+
+
+def _fallback_candidates(
+    method: str,
+    variant: str,
+    rows: list[dict],
+    costs: tuple[CostFit | None, int | None],
+    measured: dict[str, Candidate],
+    predicted: dict[str, Candidate],
+) -> tuple[list[LDSFit], list[CostFit], list[str]]:
+    """The ``a - b/n`` extrapolation of a variant the theory cannot fit, per family (a kind
+    and its hybrids apart) and size axis, into ``predicted`` (two axes disagreeing: the
+    lower). ``costs``: the naive cost fit and the recipe's epochs. Returns (LDS fits, cost
+    fits, families with a single measured size)."""
+    naive_cost, epochs = costs
+    fits, cost_fits, single = [], [], []
+    by_family: dict[str, list[dict]] = {}
+    for r in rows:
+        by_family.setdefault(r["family"], []).append(r)
+    for family, rs in sorted(by_family.items()):
+        axes = []  # (axis, fixed value, points along it)
+        if family == "naive":
+            axes.append(("K", 1, rs))
+        elif family.startswith("hybrid-"):
+            axes += [("K", m, [r for r in rs if r["m"] == m]) for m in sorted({r["m"] for r in rs})]
+            ks = sorted({r["models"] for r in rs})
+            axes += [("M", k, [r for r in rs if r["models"] == k]) for k in ks]
+        else:
+            axes.append(("M", 1, rs))
+        family_fits = [
+            (_lds_fit(family, variant, axis, fixed, pts), pts)
+            for axis, fixed, pts in axes
+            if len({r["models" if axis == "K" else "m"] for r in pts}) >= 2
+        ]
+        if not family_fits:
+            single.append(f"{family} ({', '.join(f'K={k} M={m}' for k, m in _configs(rs))})")
+            continue
+        cost = naive_cost if family == "naive" and naive_cost else _cost_fit(family, rs, naive_cost)
+        cost_fits.append(cost)
+        kind = ENSEMBLES.get(rs[0]["ensemble"])
+        max_m = epochs if kind is not None and kind.cls.members_are_checkpoints else None
+        for fit, pts in family_fits:
+            fits.append(fit)
+            axis_of = "models" if fit.axis == "K" else "m"
+            for size in _grid(fit, max_m):
+                k, m = (size, fit.fixed) if fit.axis == "K" else (fit.fixed, size)
+                if _key_for(rs[0], k, m) in measured:
+                    continue
+                near = min(pts, key=lambda r: abs(math.log(r[axis_of] / size)))
+                basis = f"predicted (LDS: {fit.describe()}; {cost.describe()})"
+                lds, sem = fit.predict(size), float(near["lds"]["sem"])
+                cand = _new_candidate(method, rs[0], k, m, lds, sem, cost, basis)
+                old = predicted.get(cand.key)
+                if old is None or cand.lds < old.lds:
+                    predicted[cand.key] = cand
+    return fits, cost_fits, single
+
+
+def build_candidates(
+    records: list[dict],
+    method: str,
+    epochs: int | None = None,
+    theory: Theory | None = None,
+) -> tuple[list[Candidate], list[LDSFit], list[CostFit], list[str]]:
+    """Measured and predicted candidates of ``method`` from benchmark ``records``.
+
+    Predicted from the variance theory (``theory``: :func:`fit_theory` of the records,
+    computed when not given) where a family's fit exists, else from ``a - b/n`` fits.
+    ``epochs``: the recipe's epochs (checkpoint ensembles take at most one per epoch).
+    Returns (candidates, the ``a - b/n`` fits, the cost fits, families not extrapolated).
+    """
+    rows = _method_rows(records, method)
+    if theory is None:
+        theory = fit_theory(records, method, epochs=epochs)
+    measured = {r["key"]: _measured(r) for r in rows}
+    groups = _groups(rows)
+    naive_rows = [r for rs in groups.values() for r in rs if r["family"] == "naive"]
     naive_cost = _cost_fit("naive", naive_rows, None) if naive_rows else None
 
     fits: list[LDSFit] = []
     cost_fits: list[CostFit] = []
     single: list[str] = []
     predicted: dict[str, Candidate] = {}
-    for (family, variant), rs in sorted(groups.items()):
-        axes = []  # (axis, fixed value, points along it)
-        if family == "naive":
-            axes.append(("K", 1, rs))
-        elif family.startswith("hybrid-"):
-            for m in sorted({r["m"] for r in rs}):
-                axes.append(("K", m, [r for r in rs if r["m"] == m]))
-            for k in sorted({r["models"] for r in rs}):
-                axes.append(("M", k, [r for r in rs if r["models"] == k]))
-        else:
-            axes.append(("M", 1, rs))
-        family_fits = []
-        for axis, fixed, pts in axes:
-            size = "models" if axis == "K" else "m"
-            if len({r[size] for r in pts}) >= 2:
-                family_fits.append((_lds_fit(family, variant, axis, fixed, pts), pts))
-        if not family_fits:
-            sizes = sorted({(r["models"], r["m"]) for r in rs})
-            single.append(f"{family} ({', '.join(f'K={k} M={m}' for k, m in sizes)})")
+    for variant, rs in sorted(groups.items()):
+        fit = theory.fits.get(variant)
+        if fit is None:
+            more = _fallback_candidates(
+                method, variant, rs, (naive_cost, epochs), measured, predicted
+            )
+            fits += more[0]
+            cost_fits += [c for c in more[1] if not any(c is d for d in cost_fits)]
+            single += more[2]
             continue
-        cost = naive_cost if family == "naive" and naive_cost else _cost_fit(family, rs, naive_cost)
-        cost_fits.append(cost)
-        ref = rs[0]
-        kind = ENSEMBLES.get(ref["ensemble"])
-        max_m = epochs if kind is not None and kind.cls.members_are_checkpoints else None
-        for fit, pts in family_fits:
-            fits.append(fit)
-            for size in _grid(fit, max_m):
-                k, m = (size, fit.fixed) if fit.axis == "K" else (fit.fixed, size)
-                if ref["ensemble"] == "none":
-                    m = 1
-                key = _key_for(ref, k, m)
-                if key in measured:
-                    continue
-                axis_of = "models" if fit.axis == "K" else "m"
-                near = min(pts, key=lambda r: abs(math.log(r[axis_of] / size)))
-                cfg = BenchConfig(
-                    method, ref["ensemble"], k, None if ref["ensemble"] == "none" else m
-                )
-                train, serve, nbytes = cost.predict(k, m)
-                cand = Candidate(
-                    key=key,
-                    label=cfg.label,
-                    method=method,
-                    ensemble=ref["ensemble"],
-                    family=cfg.family,
-                    models=k,
-                    members=m,
-                    proj_dim=ref.get("proj_dim"),
-                    projection=ref.get("projection"),
-                    lds=fit.predict(size),
-                    sem=float(near["lds"]["sem"]),
-                    train_s=train,
-                    serve_s=serve,
-                    bytes=nbytes,
-                    measured=False,
-                    basis=f"predicted (LDS: {fit.describe()}; {cost.describe()})",
-                )
-                old = predicted.get(key)
-                if old is None or cand.lds < old.lds:  # two axes disagree: the lower one
-                    predicted[key] = cand
+        if fit.family == "naive" and naive_cost:
+            cost = naive_cost
+        else:
+            cost = _cost_fit(fit.family, rs, naive_cost, per_model=True)
+        if not any(c is cost for c in cost_fits):  # naive variants share one
+            cost_fits.append(cost)
+        predicted.update((c.key, c) for c in _theory_candidates(fit, rs, cost, measured))
     return list(measured.values()) + list(predicted.values()), fits, cost_fits, single
 
 
@@ -635,7 +1131,8 @@ def plan(
     budgets = Budgets(budget_train, budget_serve, budget_bytes)
     records, files, meta = load_records(setting, results)
     epochs = meta.get("recipe", {}).get("epochs")
-    cands, fits, cost_fits, single = build_candidates(records, method, epochs)
+    theory = fit_theory(records, method, load_variance(files), epochs)
+    cands, fits, cost_fits, single = build_candidates(records, method, epochs, theory)
     if not cands:
         methods = sorted({r.get("method", "?") for r in records})
         raise ValueError(
@@ -679,4 +1176,7 @@ def plan(
         single=single,
         sources=files,
         notes=notes,
+        theory=list(theory.fits.values()),
+        unfitted=dict(theory.reasons),
+        comparison=theory.comparison,
     )

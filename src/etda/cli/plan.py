@@ -85,7 +85,14 @@ def plan(
 ) -> None:
     """Recommend the ensemble (kind, K, M, proj_dim) with the best expected LDS within
     training, serving and space budgets, from saved benchmark results (measured) and
-    per-family fits of them (predicted), and explain why."""
+    per-family fits of them (predicted), and explain why.
+
+    Predictions come from the ensemble-variance theory, LDS(K, M) = rho1 sqrt(K M / (1 +
+    (M-1) a_w + M (K-1) a_b)), fitted per family (naive rows: rho1 and a_b; each kind's
+    rows: its rho1 and a_w); the a - b/n fit of one size axis only where the theory cannot
+    be fitted. Always printed too: the predicted-vs-measured table, one row per measured
+    configuration, with the theory's leave-one-out prediction (fitted without that row)
+    and its difference from the measurement in measured standard errors."""
     from etda import plan as planner
 
     con = _out()
@@ -135,6 +142,47 @@ def plan(
             style="bold green" if i == 1 else None,
         )
     con.print(table)
+    con.print(comparison_table(p))
     rec = p.recommendation
     con.print(f"[bold]recommendation:[/bold] {escape(rec.headline())}")
     con.print(escape(p.explain()), soft_wrap=True)
+
+
+def comparison_table(p: object) -> Table:
+    """The theory's predicted vs measured LDS of every measured configuration of a plan."""
+    from etda.plan import comparison_summary
+
+    rows = p.comparison  # type: ignore[attr-defined]
+    table = Table(
+        title=f"predicted vs measured (variance theory, leave-one-out): "
+        f"{escape(comparison_summary(rows))}",
+        title_justify="left",
+        header_style="bold",
+    )
+    options = any(c.options for c in rows)
+    for col, just in (
+        ("configuration", "left"),
+        *((("options", "left"),) if options else ()),
+        ("K", "right"),
+        ("M", "right"),
+        ("measured ± s.e.", "right"),
+        ("fit", "right"),
+        ("predicted (LOO)", "right"),
+        ("diff / s.e.", "right"),
+        ("note", "left"),
+    ):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for c in rows:
+        z = c.z
+        table.add_row(
+            escape(c.label),
+            *((escape(c.options),) if options else ()),
+            str(c.models),
+            str(c.members),
+            f"{c.lds:.4f} ± {c.sem:.4f}",
+            "—" if c.fitted is None else f"{c.fitted:.4f}",
+            "—" if c.predicted is None else f"{c.predicted:.4f}",
+            "—" if z is None else f"{z:+.2f}",
+            escape(c.note),
+        )
+    return table

@@ -59,3 +59,59 @@ def test_inner_sums_each_layers_product_in_float64() -> None:
 def test_an_unknown_kernel_dtype_is_refused() -> None:
     with pytest.raises(ValueError, match="kernel_dtype"):
         etda.attribute(mlp(), TRAIN, TEST, method="graddot", kernel_dtype="float16")
+
+
+def _factors(n: int, seed: int, widths: tuple[int, ...] = (3, 300)) -> dict[str, torch.Tensor]:
+    """Exact factors of two layers; the second is wide enough to use the input-Gram cache."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "d0": torch.randn(n, widths[0], generator=g),
+        "a0": torch.randn(n, 7, generator=g),
+        "d1": torch.randn(n, 5, generator=g),
+        "a1": torch.randn(n, widths[1], generator=g),
+        "phi": torch.randn(n, 9, generator=g),
+    }
+
+
+def test_the_float32_self_kernel_computes_one_triangle_and_mirrors_it() -> None:
+    a = _factors(257, 4)  # 257: not a multiple of the mirror's block
+    want = inner(a, dict(a))  # float64, general products (a different dict: no shortcut)
+    for _ in range(2):  # the second pass reads the cached triangle of the wide input Gram
+        got = inner(a, a, compute=torch.float32)
+        assert got.dtype == torch.float64 and got.is_contiguous()
+        assert torch.equal(got, got.T)  # exactly symmetric
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    general = inner(a, dict(a), compute=torch.float32)  # the general float32 path
+    torch.testing.assert_close(got, general, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    # a mirror over several blocks equals the full symmetric matrix
+    from etda.features.blocks import _mirror_upper
+
+    upper = want.triu()
+    full = upper + want.triu(1).T
+    assert torch.equal(_mirror_upper(upper.clone(), block=60), full)
+    assert torch.equal(_mirror_upper(upper.T.clone().T, block=60), full)  # column-major too
+
+
+@pytest.mark.parametrize("method", ["trak", "if"])
+@pytest.mark.parametrize("projection", ["none", "factored"])
+def test_float32_solves_stay_close_to_float64(method, projection) -> None:
+    kw = {"method": method, "projection": projection}
+    if projection == "factored":
+        kw["proj_dim"] = 128
+    ref = etda.attribute(mlp(), TRAIN, TEST, **kw)
+    fast = etda.attribute(mlp(), TRAIN, TEST, kernel_dtype="float32", solve_dtype="float32", **kw)
+    scale = np.abs(ref.values).max()
+    np.testing.assert_allclose(fast.values, ref.values, rtol=0, atol=1e-4 * scale)
+    assert fast.config["options"]["solve_dtype"] == "float32"
+    # float32 solves alone (float64 kernel) too, and self-influence in either form
+    alone = etda.attribute(mlp(), TRAIN, TEST, solve_dtype="float32", **kw)
+    np.testing.assert_allclose(alone.values, ref.values, rtol=0, atol=1e-4 * scale)
+    if method == "trak":
+        si_ref = etda.self_influence(mlp(), TRAIN, **kw).values[0]
+        si = etda.self_influence(mlp(), TRAIN, solve_dtype="float32", **kw).values[0]
+        np.testing.assert_allclose(si, si_ref, rtol=1e-3, atol=1e-4 * np.abs(si_ref).max())
+
+
+def test_an_unknown_solve_dtype_is_refused() -> None:
+    with pytest.raises(ValueError, match="solve_dtype"):
+        etda.attribute(mlp(), TRAIN, TEST, method="trak", solve_dtype="bfloat16")

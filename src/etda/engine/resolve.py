@@ -162,6 +162,7 @@ def resolve(
         curvature=method.curvature(config.seed),
         test_target=method.test_target,
         kernel_dtype=config.kernel_dtype,
+        solve_dtype=config.solve_dtype,
     )
     return RunPlan(
         config,

@@ -57,6 +57,8 @@ def inner(
     layer's product is then summed in ``dtype`` (mixed precision: float32 or bfloat16
     products, float64 sums)."""
     compute = compute or dtype
+    if a is b and rows == cols and compute == torch.float32:
+        return _symmetric_inner(a, rows, dtype)
     out: Tensor | None = None
 
     def add(t: Tensor) -> None:
@@ -81,6 +83,55 @@ def inner(
     return out
 
 
+def _symmetric_inner(a: Mapping[str, Tensor], rows: slice, dtype: torch.dtype) -> Tensor:
+    """``<g(a_r), g(a_c)>`` ``(n, n)`` of one split with itself, float32 products: BLAS
+    ``syrk`` computes each layer's Gram on its upper triangle only (half the products of a
+    general matrix product, and faster still for narrow layers); the triangles are
+    multiplied and summed in float32 (a few layer terms: no precision a float32 product
+    keeps is lost), mirrored, and returned in ``dtype``."""
+    out: Tensor | None = None
+
+    def add(t: Tensor) -> None:
+        nonlocal out
+        out = t if out is None else out.add_(t)
+
+    for name in EXPLICIT:
+        if name in a:
+            add(_syrk(torch.as_tensor(a[name][rows]).to(torch.float32)))
+    for j in factor_ids(a):
+        dd = _syrk(torch.as_tensor(a[f"d{j}"][rows]).to(torch.float32))
+        aa = torch.as_tensor(a[f"a{j}"][rows]).to(torch.float32)
+        add(dd.mul_(_gram(aa, aa, symmetric=True)))
+    if out is None:
+        raise ValueError("no feature blocks to take inner products of")
+    return _mirror_upper(out).to(dtype)
+
+
+def _mirror_upper(u: Tensor, block: int = 512) -> Tensor:
+    """The symmetric matrix whose upper triangle is ``u``'s ``(n, n)``, in place, block by
+    block (a cache-friendly transpose)."""
+    n = u.shape[0]
+    for lo in range(0, n, block):
+        hi = min(lo + block, n)
+        diag = u[lo:hi, lo:hi]
+        diag.copy_(diag.triu() + diag.triu(1).T)
+        for lo2 in range(hi, n, block):
+            hi2 = min(lo2 + block, n)
+            u[lo2:hi2, lo:hi] = u[lo:hi, lo2:hi2].T
+    return u.T if u.stride(0) == 1 else u  # symmetric: the row-major view of the same buffer
+
+
+def _syrk(x: Tensor) -> Tensor:
+    """The upper triangle of ``x x^T`` ``(n, n)`` float32 (the strict lower triangle is zero),
+    by BLAS ``ssyrk`` on as many threads as torch uses."""
+    from scipy.linalg import blas
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        upper = blas.ssyrk(1.0, x.detach().cpu().contiguous().numpy(), lower=0)
+    return torch.from_numpy(upper)
+
+
 # Input Gram matrices repeat across members: every member sees the same first-layer
 # inputs (the data), so A A^T of that layer is computed once per run, not once per member.
 _GRAM_CACHE: OrderedDict[tuple[str, str], Tensor] = OrderedDict()
@@ -94,15 +145,17 @@ def _digest(t: Tensor) -> str:
     return h.hexdigest()
 
 
-def _gram(x: Tensor, y: Tensor) -> Tensor:
-    """``x y^T``, memoized by content for wide inputs (returns a tensor not to be mutated)."""
+def _gram(x: Tensor, y: Tensor, symmetric: bool = False) -> Tensor:
+    """``x y^T``, memoized by content for wide inputs (returns a tensor not to be mutated).
+    ``symmetric`` (``y`` is ``x``, float32): only the upper triangle, by :func:`_syrk`."""
+    product = (lambda: _syrk(x)) if symmetric else (lambda: x @ y.T)
     if x.shape[1] < _GRAM_CACHE_MIN_WIDTH:
-        return x @ y.T
-    key = (_digest(x), _digest(y))  # the digests include the inputs' dtype
+        return product()
+    key = (_digest(x), "upper" if symmetric else _digest(y))  # digests include the dtype
     if key in _GRAM_CACHE:
         _GRAM_CACHE.move_to_end(key)
         return _GRAM_CACHE[key]
-    out = x @ y.T
+    out = product()
     _GRAM_CACHE[key] = out
     while sum(t.numel() * t.element_size() for t in _GRAM_CACHE.values()) > _GRAM_CACHE_BYTES:
         _GRAM_CACHE.popitem(last=False)
@@ -143,9 +196,13 @@ class Features:
     in_memory = True
 
     def __init__(
-        self, blocks: Mapping[str, Tensor], precision: torch.dtype = torch.float64
+        self,
+        blocks: Mapping[str, Tensor],
+        precision: torch.dtype = torch.float64,
+        solve_precision: torch.dtype = torch.float64,
     ) -> None:
         self.precision = precision  # of the Gram products (summed in float64)
+        self.solve_precision = solve_precision  # of the damped factorization and solves
         self.blocks = dict(blocks)
         self.features = {k: v for k, v in self.blocks.items() if k not in EXTRA}
         self.n = next(iter(self.blocks.values())).shape[0]
@@ -205,6 +262,7 @@ class StreamedFeatures:
         return [(lo, min(lo + self.block, self.n)) for lo in range(0, self.n, self.block)]
 
     precision = torch.float64
+    solve_precision = torch.float64
 
     def rows(self, lo: int, hi: int, dtype: torch.dtype = torch.float64) -> Tensor:
         return self.store.rows(lo, hi, [self.key])[self.key].to(dtype)

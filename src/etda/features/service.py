@@ -142,6 +142,7 @@ class FeatureService:
         curvature: CurvatureSpec | None = None,
         test_target: str | None = None,
         kernel_dtype: str = "float64",
+        solve_dtype: str = "float64",
     ) -> None:
         self.task, self.train, self.test, self.store = task, train, test, store
         self.projection, self.proj_dim, self.target = projection, proj_dim, target
@@ -150,6 +151,7 @@ class FeatureService:
         self.use_hooks, self.progress, self.fwd_flops = use_hooks, progress, fwd_flops
         self.curvature = curvature
         self.kernel_dtype = getattr(torch, kernel_dtype)  # precision of the Gram products
+        self.solve_dtype = getattr(torch, solve_dtype)  # of the damped solves
         self.test_target = test_target or target  # the test side's scalar (IF measure=)
         self._preconditioners: dict[tuple[str, str], Any] = {}
 
@@ -285,7 +287,7 @@ class FeatureService:
                 views[name] = (
                     StreamedFeatures(st, stream_block)
                     if streamed
-                    else Features(st.load(), self.kernel_dtype)
+                    else Features(st.load(), self.kernel_dtype, self.solve_dtype)
                 )
             costs.feature_bytes += st.feature_nbytes()
             n += split.n

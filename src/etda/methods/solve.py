@@ -102,6 +102,8 @@ class DampedSystem:
             train = Features(train)
         self.train = train
         self.n = train.n
+        # the factorization's and solves' precision (float64 unless solve_dtype asks)
+        self.solve_dtype = getattr(train, "solve_precision", torch.float64)
         k = train.explicit_width
         if form == "auto":
             form = "feature" if k is not None and (k <= self.n or not train.in_memory) else "sample"
@@ -130,6 +132,7 @@ class DampedSystem:
         kernels (:meth:`left_from_cross`)."""
         system = cls.__new__(cls)
         system.train, system.n, system.form = None, int(kmat.shape[0]), "sample"
+        system.solve_dtype = torch.float64
         system.kmat = kmat.to(torch.float64)
         system.trace = float(system.kmat.diagonal().sum())
         system.dim = system.n if width is None else min(system.n, width)
@@ -139,7 +142,7 @@ class DampedSystem:
         """``cross (K + lam I)^-1`` ``(n_test, n)`` for a test-train kernel ``cross``."""
         if self.form != "sample":
             raise ValueError("left_from_cross needs the sample-space form")
-        return torch.cholesky_solve(cross.to(torch.float64).T, self._factor(lam)).T
+        return self._solve(cross.T, self._factor(lam)).T
 
     @property
     def base(self) -> float:
@@ -147,9 +150,14 @@ class DampedSystem:
         return self.trace / self.dim
 
     def _factor(self, lam: float) -> Tensor:
-        a = (self.gram if self.form == "feature" else self.kmat).clone()
+        """The Cholesky factor of the damped system, in ``solve_dtype``."""
+        a = (self.gram if self.form == "feature" else self.kmat).to(self.solve_dtype, copy=True)
         a.diagonal().add_(lam)
         return _cholesky(a)
+
+    def _solve(self, rhs: Tensor, chol: Tensor) -> Tensor:
+        """``(A + lam I)^-1 rhs`` float64 from the factor ``chol`` (solved in its dtype)."""
+        return torch.cholesky_solve(rhs.to(chol.dtype), chol).to(torch.float64)
 
     def left(self, test: Features, lam: float, scale: float = 1.0) -> Tensor:
         """The test-side factor: ``scale * phi_test (Phi^T Phi + lam I)^-1`` ``(n_test, k)``
@@ -157,9 +165,9 @@ class DampedSystem:
         space. Either way ``tau = left @ Phi^T`` (feature) or ``tau = left`` (sample)."""
         chol = self._factor(lam)
         if self.form == "feature":
-            return scale * torch.cholesky_solve(test.matrix().to(torch.float64).T, chol).T
+            return scale * self._solve(test.matrix().T, chol).T
         cross = self.train.inner(test)  # (m, n)
-        return scale * torch.cholesky_solve(cross.T, chol).T
+        return scale * self._solve(cross.T, chol).T
 
     def solve(self, test: Features | Mapping[str, Tensor], lam: float) -> Tensor:
         """The damped scores ``phi_test (Phi^T Phi + lam I)^-1 Phi^T`` ``(n_test, n)`` (in
@@ -175,7 +183,7 @@ class DampedSystem:
             out = torch.empty(self.n, dtype=torch.float64)
             for lo, hi in self.train.ranges():
                 phi = self.train.rows(lo, hi)
-                right = torch.cholesky_solve(phi.T, chol)  # (k, rows)
+                right = self._solve(phi.T, chol)  # (k, rows)
                 out[lo:hi] = (phi * right.T).sum(1)
             return out
         a = self.kmat.clone()
@@ -305,7 +313,7 @@ def _profiled_evidence(n: int, quad: Tensor, logdet: Tensor) -> Tensor:
 def _cholesky(a: Tensor) -> Tensor:
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) != 0:  # numerically singular: add the smallest jitter that works
-        eps = 1e-10 * float(a.diagonal().mean())
+        eps = (1e-10 if a.dtype == torch.float64 else 1e-6) * float(a.diagonal().mean())
         while int(info) != 0:
             a.diagonal().add_(eps)
             chol, info = torch.linalg.cholesky_ex(a)

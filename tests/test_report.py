@@ -204,6 +204,7 @@ def test_report_writes_every_file(tmp_path) -> None:
         "## Mislabel detection",
         "## Ensemble-variance theory",
         "![pareto_train](pareto_train.png)",
+        "One panel per method",
         "≥ 1.500",  # LoRA below naive 1: a lower bound
         "≤ 0.500",  # the hybrid above naive 4: an upper bound
         "a reason",

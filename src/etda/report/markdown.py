@@ -69,9 +69,16 @@ def render(results: dict, figures: dict[str, str]) -> str:
     if figures:
         lines += ["", "## Pareto plots", ""]
         lines.append(
-            "Naive independent ensembles are the connected lines (numbers: models); efficient "
-            "ensembles are labelled markers; circled points are on their method's Pareto front "
-            "(no other configuration of the method has both a higher LDS and a lower cost)."
+            "One panel per method, all on the same LDS axis, the cost on a log axis. In each "
+            "panel the method's naive independent ensembles are the connected line (K: "
+            "models); a method without naive ensembles shows TRAK's naive line (another "
+            "method's where TRAK has none) in grey as a reference. Efficient ensembles are "
+            "markers, their shape the ensemble kind (legend beside or below the panels), "
+            "labelled with their configuration (points drawn on top of each other share a "
+            "label; thin lines lead to labels set apart); hollow markers ran at another "
+            "damping, named in the label. Circled points, joined by the dashed line, are on "
+            "their method's Pareto front (no other configuration of the method has both a "
+            "higher LDS and a lower cost)."
         )
         for name in ("pareto_train", "pareto_serve", "pareto_bytes"):
             if name in figures:

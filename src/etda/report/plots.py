@@ -37,96 +37,217 @@ def _name(method: str) -> str:
     return method_title(method)
 
 
+REFERENCE = "trak"  # whose naive line a panel without naive ensembles shows, in grey
+DAMPING = " (damping "  # records(): a configuration run at another damping
+GREY = "0.6"
+
+
 def pareto_plot(results: dict, cost: str, path: Path) -> Path:
-    """LDS against ``cost`` (log x): naive ensembles as connected lines (one per method),
-    efficient ensembles as labelled markers, the Pareto front highlighted."""
-    recs = [r for r in records(results) if r["costs"][cost] > 0]
-    fig = Figure(figsize=(8.5, 5.5), layout="constrained")
-    ax = fig.subplots()
-    methods = list(dict.fromkeys(r["method"] for r in recs))
-    for method in methods:
-        naive = [r for r in naive_curve(recs, method)]
-        if naive:
-            x = [r["costs"][cost] for r in naive]
-            sizes = [str(r["models"]) for r in naive]
-            y = [r["lds"]["mean"] for r in naive]
-            e = [r["lds"]["sem"] for r in naive]
-            ax.errorbar(
-                x,
-                y,
-                yerr=e,
-                color=_color(method),
-                marker="o",
-                ms=5,
-                lw=1.5,
-                capsize=2,
-                label=f"{_name(method)} naive, models: {', '.join(sizes)}",
-            )
-            for r in naive:
-                ax.annotate(
-                    f"{r['models']}",
-                    (r["costs"][cost], r["lds"]["mean"]),
-                    textcoords="offset points",
-                    xytext=(0, -11),
-                    ha="center",
-                    fontsize=7,
-                    color=_color(method),
-                )
-    seen: set[tuple[str, str]] = set()
-    for r in recs:
-        if r["family"] == "naive":
-            continue
-        tag = (r["method"], r["family"])
-        ax.errorbar(
-            r["costs"][cost],
-            r["lds"]["mean"],
-            yerr=r["lds"]["sem"],
-            color=_color(r["method"]),
-            marker=_marker(r["family"]),
-            ms=7,
-            ls="none",
-            capsize=2,
-            mec="black",
-            mew=0.4,
-            label=None if tag in seen else f"{_name(r['method'])} {r['family']}",
-        )
-        seen.add(tag)
-        ax.annotate(
-            r["label"],
-            (r["costs"][cost], r["lds"]["mean"]),
-            textcoords="offset points",
-            xytext=(5, 4),
-            fontsize=7,
-        )
-    for method in methods:  # one front per method: methods differ in what they cost
-        mine = [r for r in recs if r["method"] == method]
-        c = np.array([r["costs"][cost] for r in mine])
-        q = np.array([r["lds"]["mean"] for r in mine])
-        front = pareto_front(c, q)
-        order = np.argsort(c[front])
-        fx, fy = c[front][order], q[front][order]
-        if len(mine) > 1:
-            ax.step(
-                fx,
-                fy,
-                where="post",
-                color=_color(method),
-                ls="--",
-                lw=1,
-                alpha=0.5,
-                zorder=0,
-                label=f"{_name(method)} Pareto front",
-            )
-        ax.scatter(fx, fy, s=170, facecolors="none", edgecolors=_color(method), lw=1.2, zorder=5)
-    ax.set_xscale("log")
-    unit = "bytes" if cost == "bytes" else "seconds"
-    ax.set_xlabel(f"{COSTS[cost]} ({unit}, log scale)")
-    ax.set_ylabel("LDS (mean ± s.e. over test examples)")
-    ax.set_title(f"{results['setting']['name']}: LDS vs {COSTS[cost]}")
-    ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=7, loc="best")
-    fig.savefig(path, dpi=120)
+    """LDS against ``cost`` (log x), one panel per method: :func:`pareto_figure`, saved."""
+    fig = pareto_figure(results, cost)
+    fig.savefig(path, dpi=fig.dpi)
     return path
+
+
+def pareto_figure(results: dict, cost: str) -> Figure:
+    """One panel per method sharing the LDS axis: the method's naive ensembles as a line
+    (labelled K=models; TRAK's naive line in grey where a method has none), the other
+    configurations as labelled markers (labels placed without overlap), the method's Pareto
+    front dashed and circled; one legend outside the panels."""
+    from etda.report.labels import freeze_layout, place_labels
+
+    recs = [r for r in records(results) if r["costs"][cost] > 0]
+    methods = list(dict.fromkeys(r["method"] for r in recs))
+    if not methods:
+        fig = Figure(figsize=(6, 4), layout="constrained", dpi=120)
+        fig.subplots().text(0.5, 0.5, f"no configuration with a {COSTS[cost]}", ha="center")
+        return fig
+    fig, panels, legend_ax = _pareto_grid(len(methods))
+    ref = _reference(recs)
+    drawn = [
+        _pareto_panel(ax, [r for r in recs if r["method"] == m], m, cost, ref)
+        for ax, m in zip(panels, methods, strict=True)
+    ]
+    ncols = fig.axes[0].get_subplotspec().get_gridspec().ncols
+    unit = "bytes" if cost == "bytes" else "seconds"
+    for i, ax in enumerate(panels):
+        if i + ncols >= len(panels):  # the lowest panel of its column
+            ax.set_xlabel(f"{COSTS[cost]} ({unit}, log scale)")
+        if i % ncols == 0:
+            ax.set_ylabel("LDS (mean ± s.e. over test examples)")
+    families = list(dict.fromkeys(f for d in drawn for f in d["families"]))
+    handles = _pareto_handles(families, ref if any(d["reference"] for d in drawn) else None)
+    if legend_ax is not None:
+        legend_ax.axis("off")
+        legend_ax.legend(handles=handles, loc="center", fontsize=8, frameon=False)
+    else:
+        fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=8)
+    fig.suptitle(f"{results['setting']['name']}: LDS vs {COSTS[cost]}, one panel per method")
+    renderer = freeze_layout(fig)
+    for ax, d in zip(panels, drawn, strict=True):
+        place_labels(ax, d["labels"], d["markers"], d["strokes"], renderer)
+    return fig
+
+
+def _pareto_grid(n: int) -> tuple[Figure, list, object]:
+    """``n`` panels in rows of up to 3 (4 from 7 on) sharing y; the legend's axes in the
+    last row's free cells, or ``None`` when the grid is full (the legend goes below)."""
+    ncols = n if n <= 3 else -(-n // 2)
+    nrows = -(-n // ncols)
+    free = nrows * ncols - n
+    height = 4.2 * nrows + (0.0 if free else 1.0) + 0.5
+    fig = Figure(figsize=(5.2 * ncols, height), layout="constrained", dpi=120)
+    gs = fig.add_gridspec(nrows, ncols)
+    panels: list = []
+    for i in range(n):
+        ax = fig.add_subplot(gs[i // ncols, i % ncols], sharey=panels[0] if panels else None)
+        if i % ncols:
+            ax.tick_params(labelleft=False)
+        panels.append(ax)
+    legend_ax = fig.add_subplot(gs[nrows - 1, ncols - free :]) if free else None
+    return fig, panels, legend_ax
+
+
+def _reference(recs: list[dict]) -> list[dict]:
+    """The naive line a panel without naive ensembles shows: TRAK's, else the first
+    method's that has one."""
+    for method in [REFERENCE, *dict.fromkeys(r["method"] for r in recs)]:
+        naive = naive_curve(recs, method)
+        if naive:
+            return naive
+    return []
+
+
+def _xy(recs: list[dict], cost: str) -> np.ndarray:
+    """``(n, 2)``: cost and LDS of each record."""
+    return np.array([[r["costs"][cost], r["lds"]["mean"]] for r in recs]).reshape(-1, 2)
+
+
+def _errorbar(ax, r: dict, cost: str, **style) -> None:
+    """One configuration's marker with its LDS error bar."""
+    ax.errorbar(r["costs"][cost], r["lds"]["mean"], yerr=r["lds"]["sem"], capsize=2, **style)
+
+
+def _pareto_panel(ax, mine: list[dict], method: str, cost: str, ref: list[dict]) -> dict:
+    """Draw one method's panel; return what the label placement and the legend need:
+    ``labels``, ``markers`` (x, y, radius), ``strokes`` (lines and error bars),
+    ``families`` and whether the ``reference`` line stands in for the naive one."""
+    color = _color(method)
+    naive = naive_curve(mine, method)
+    line, tint = (naive, color) if naive else (ref, GREY)
+    xy = _xy(mine, cost)
+    front = pareto_front(xy[:, 0], xy[:, 1])
+    fxy = xy[front][np.argsort(xy[front, 0])]
+    if line:
+        lxy = _xy(line, cost)
+        bars = ax.errorbar(
+            *lxy.T, yerr=[r["lds"]["sem"] for r in line], color=tint, marker="o", ms=5, capsize=2
+        )
+        bars.lines[0].set_gid("naive" if naive else "naive-reference")
+    others = [r for r in mine if r not in naive]
+    for r in others:
+        damped = DAMPING in r["family"]
+        kind = r["family"].split(DAMPING)[0]
+        style = {"mfc": "white", "mec": color, "mew": 1.2} if damped else {"mec": "k", "mew": 0.4}
+        _errorbar(ax, r, cost, color=color, marker=_marker(kind), ms=7, ls="none", **style)
+    if len(mine) > 1:
+        ax.step(*fxy.T, where="post", color=color, ls="--", lw=1, alpha=0.6, zorder=1)
+    ax.scatter(*fxy.T, s=170, facecolors="none", edgecolors=color, lw=1.2, zorder=5)
+    ax.margins(x=0.15, y=0.08)
+    _log_ticks(ax, cost)
+    ax.grid(True, which="both", alpha=0.25)
+    n = len(mine)
+    ax.set_title(f"{_name(method)} ({n} configuration{'s' if n > 1 else ''})", color=color)
+    return {
+        **_panel_geometry(line, others, fxy, cost, tint),
+        "families": (["naive"] if naive else []) + [_family(r) for r in others],
+        "reference": bool(line) and not naive,
+    }
+
+
+def _family(r: dict) -> str:
+    """The record's ensemble kind; ``"<kind> (damping "`` for another damping."""
+    kind, damped = r["family"].split(DAMPING)[0], DAMPING in r["family"]
+    return kind + DAMPING if damped else kind
+
+
+def _panel_geometry(
+    line: list[dict], others: list[dict], fxy: np.ndarray, cost: str, tint: str
+) -> dict:
+    """A panel's ``labels`` (the naive line's K first, then front points, then the rest),
+    ``markers`` (x, y, radius in points; circled front points larger) and ``strokes``
+    (the naive line, the front's steps, every error bar)."""
+    from etda.report.labels import Label
+
+    circled = {tuple(p) for p in fxy}
+    lxy, oxy = _xy(line, cost), _xy(others, cost)
+    order = sorted(range(len(others)), key=lambda i: (tuple(oxy[i]) not in circled, -oxy[i, 1]))
+    labels = [Label(*p, f"K={r['models']}", tint) for r, p in zip(line, lxy, strict=True)]
+    labels += [Label(*oxy[i], others[i]["label"]) for i in order]
+    for lab in labels:
+        lab.radius = 6.5 if (lab.x, lab.y) in circled else 4.0
+    steps = np.column_stack([np.repeat(fxy[:, 0], 2)[1:], np.repeat(fxy[:, 1], 2)[:-1]])
+    strokes = [lxy, steps]
+    for r in [*line, *others]:
+        x, y, e = r["costs"][cost], r["lds"]["mean"], r["lds"]["sem"]
+        strokes.append(np.array([[x, y - e], [x, y + e]]))
+    markers = [(*p, 6.5) for p in fxy] + [(*p, 4.0) for p in np.vstack([lxy, oxy])]
+    return {"labels": labels, "markers": markers, "strokes": strokes}
+
+
+def _tick(v: float, cost: str) -> str:
+    """A cost tick: seconds as ``%g``, bytes with SI multipliers (``200M``)."""
+    if cost != "bytes":
+        return f"{v:g}"
+    for div, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if v >= div:
+            return f"{v / div:g}{unit}"
+    return f"{v:g}"
+
+
+def _log_ticks(ax, cost: str) -> None:
+    """Log cost axis with plain tick labels at 1, 2, 5 x 10^k (only 10^k over more than 2.2
+    decades, more under 1.2), unlabelled minor ticks: no crowded scientific notation."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    lo, hi = ax.get_xlim()
+    span = np.log10(hi / lo)
+    if span > 2.2:
+        subs = (1.0,)
+    elif span > 1.2:
+        subs = (1.0, 2.0, 5.0)
+    else:
+        subs = (1.0, 2.0, 3.0, 5.0, 7.0) if span > 0.5 else None
+    ax.xaxis.set_major_locator(LogLocator(subs=subs or np.arange(1.0, 10.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _tick(v, cost)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _pareto_handles(families: list[str], ref: list[dict] | None) -> list:
+    """Legend entries: the naive line, the reference line, each ensemble kind's marker,
+    damping variants, the Pareto front."""
+    from matplotlib.lines import Line2D
+
+    ink, point, line = "0.3", {"ls": "none", "ms": 7}, {"marker": "o", "ms": 5, "lw": 1.5}
+    entries: list[tuple[str, dict]] = []
+    if "naive" in families:
+        entries.append(("naive ensemble of the panel's method (K = models)", line))
+    if ref:
+        who = _name(ref[0]["method"])
+        text = f"{who} naive (grey): reference on a panel whose method has no naive ensemble"
+        entries.append((text, {**line, "color": GREY}))
+    registry = list(ENSEMBLES)
+    kinds = [f for f in dict.fromkeys(families) if f != "naive" and DAMPING not in f]
+    kinds.sort(key=lambda f: registry.index(f) if f in registry else len(registry))
+    entries += [(f, {**point, "marker": _marker(f), "mec": "black", "mew": 0.4}) for f in kinds]
+    if any(DAMPING in f for f in families):
+        hollow = {**point, "marker": "o", "mfc": "white", "mew": 1.2}
+        entries.append(("hollow: another damping (named in the label)", hollow))
+    entries.append(("the method's Pareto front", {"ls": "--", "lw": 1}))
+    circle = {"ls": "none", "marker": "o", "ms": 13, "mfc": "none", "mew": 1.2}
+    entries.append(("circled: on the Pareto front", circle))
+    return [Line2D([], [], **{"color": ink, **style}, label=text) for text, style in entries]
 
 
 def mislabel_plot(results: dict, path: Path) -> Path:

@@ -91,8 +91,9 @@ def pareto_figure(results: dict, cost: str) -> Figure:
 
 def _pareto_grid(n: int) -> tuple[Figure, list, object]:
     """``n`` panels in rows of up to 3 (4 from 7 on) sharing y; the legend's axes in the
-    last row's free cells, or ``None`` when the grid is full (the legend goes below)."""
-    ncols = n if n <= 3 else -(-n // 2)
+    last row's free cells (beside a single panel), or ``None`` when the grid is full (the
+    legend goes below)."""
+    ncols = 2 if n == 1 else n if n <= 3 else -(-n // 2)
     nrows = -(-n // ncols)
     free = nrows * ncols - n
     height = 4.2 * nrows + (0.0 if free else 1.0) + 0.5

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -40,7 +41,14 @@ CONFIGS = [
 SHARED = ", shared solve"  # TRAK(solve="shared"): one solve for the members' mean kernel
 
 
-def run(setting: str, methods: list[str], only: list[str] | None, old: list[dict]) -> dict:
+def run(
+    setting: str,
+    methods: list[str],
+    only: list[str] | None,
+    old: list[dict],
+    save: Callable[[dict], None] = lambda result: None,
+) -> dict:
+    """Every configuration of ``methods`` (``only``: these labels), ``save``d after each."""
     import etda
     from etda.evaluate.lds import LDSConfig
     from etda.experiment import run_attribution
@@ -81,6 +89,11 @@ def run(setting: str, methods: list[str], only: list[str] | None, old: list[dict
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
+            save(_result(setting, load_before, rows))  # a killed run keeps its rows
+    return _result(setting, load_before, rows)
+
+
+def _result(setting: str, load_before: float, rows: list[dict]) -> dict:
     return {
         "setting": setting,
         "machine": machine(),
@@ -139,7 +152,14 @@ def main() -> None:
         result = old
     else:
         kept = old["rows"] if old and args.only else []
-        result = run(args.setting, args.methods, args.only, kept)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        result = run(
+            args.setting,
+            args.methods,
+            args.only,
+            kept,
+            lambda partial: path.write_text(json.dumps(partial, indent=1)),
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     text = markdown(result)

@@ -51,11 +51,23 @@ class Setting:
             "(B, T, V), next-token targets (N, T); output = sequence log-likelihood)."
         },
     )
+    train_fraction: float | None = field(
+        default=None,
+        kw_only=True,
+        metadata={
+            "help": "Train every model on a random fraction of the training set drawn from its "
+            "seed (the naive ensemble of the TRAK paper's regime: models on half subsets); "
+            "None: the whole set. Attributions still cover every training example."
+        },
+    )
     _data: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"Setting {self.name!r}: task={self.task!r}; use one of {TASKS}")
+        f = self.train_fraction
+        if f is not None and not (isinstance(f, float | int) and 0 < f < 1):
+            raise ValueError(f"Setting {self.name!r}: train_fraction must lie in (0, 1), got {f!r}")
 
     def make_task(self) -> Task:
         """The etda.task object attributions of this setting use."""
@@ -100,6 +112,8 @@ class Setting:
         """
         bundle = self.data() if data is None else data
         x, y = bundle.x_train, bundle.y_train
+        if subset is None and self.train_fraction is not None:
+            subset = model_subset(bundle.n_train, self.train_fraction, seed)
         if subset is not None:
             idx = _subset_indices(subset, bundle.n_train)
             x, y = x[idx], y[idx]
@@ -156,11 +170,20 @@ class Setting:
                 "data": self.data().fingerprint(),
                 # only when not the default, so classification fingerprints stay as they were
                 **({"task": self.task} if self.task != "classification" else {}),
+                **({"train_fraction": self.train_fraction} if self.train_fraction else {}),
             },
             sort_keys=True,
             default=str,
         )
         return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def model_subset(n: int, fraction: float, seed: int) -> np.ndarray:
+    """The sorted training indices ``(round(fraction n),)`` a model of ``seed`` trains on
+    when its setting has a ``train_fraction`` (a stream of its own, apart from the LDS
+    ground truth's subsets)."""
+    rng = np.random.default_rng([seed, 0x5EED])
+    return np.sort(rng.permutation(n)[: max(1, round(fraction * n))])
 
 
 def margin(logits: Tensor, y: Tensor) -> Tensor:

@@ -43,9 +43,11 @@ FORMAT = 1
 Log = Callable[[str], None]
 
 
-def default_out(setting: str, quick: bool) -> Path:
-    """``benchmarks/results/<setting>`` (``-quick`` appended for the quick sweep)."""
-    return Path("benchmarks/results") / (f"{setting}-quick" if quick else setting)
+def default_out(setting: str, quick: bool, regime: str = "default") -> Path:
+    """``benchmarks/results/<setting>`` (``-quick`` appended for the quick sweep, ``-paper``
+    for the paper regime)."""
+    name = f"{setting}-quick" if quick else setting
+    return Path("benchmarks/results") / (name if regime == "default" else f"{name}-{regime}")
 
 
 # ----------------------------------------------------------------------- results file
@@ -139,6 +141,8 @@ def run_config(
 ) -> dict:
     """Run one configuration; its summary record (LDS, costs, damping, members)."""
     t0 = time.perf_counter()
+    if config.train_fraction is not None:
+        setting = _on_subsets(setting, config.train_fraction)
     scores, _ = run_attribution(
         setting,
         config.method,
@@ -149,9 +153,8 @@ def run_config(
         rank=config.rank,
         lora_epochs=config.lora_epochs,
         n_checkpoints=5,
-        proj_dim=config.proj_dim,
         projection=config.projection,
-        damping=config.damping,
+        **config.options,  # proj_dim and damping, the regime's where the config names none
         seed=0,
         progress=progress,
         model_dir=model_dir,
@@ -181,6 +184,14 @@ def run_config(
         "wall_s": time.perf_counter() - t0,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _on_subsets(setting: Setting, fraction: float) -> Setting:
+    """``setting`` whose models train on random subsets of ``fraction`` (its own model
+    cache; the data bundle shared, not reloaded)."""
+    out = replace(setting, train_fraction=fraction)
+    out._data.extend(setting._data)
+    return out
 
 
 def _best_of(results: dict, method: str, preset: str) -> dict | None:
@@ -332,7 +343,7 @@ def run_bench(
     lds_config = lds_config or LDSConfig(
         n_subsets=sweep.n_subsets, seeds_per_subset=sweep.seeds_per_subset
     )
-    out = Path(out) if out is not None else default_out(setting.name, quick)
+    out = Path(out) if out is not None else default_out(setting.name, quick, sweep.name_regime)
     fingerprint = setting.fingerprint()
     stamp = _stamp(fingerprint, lds_config)
     results = _fresh(setting, fingerprint, lds_config, sweep)

@@ -14,6 +14,11 @@ from etda.ensemble import ENSEMBLES, Ensemble
 from etda.experiment import make_ensemble
 from etda.methods import METHODS
 
+REGIMES = ("default", "paper")
+# The TRAK paper's code base (dattri's TRAK): k = 512 random projections, a projection seed
+# per member (etda's members each have their own), and no damping.
+PAPER_REGIME = {"proj_dim": 512, "damping": 0.0}
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -21,7 +26,10 @@ class BenchConfig:
 
     ``members``: per trained model (``None``: the kind's default; checkpoints: checkpoints
     of the run). ``p``: dropout-rate override; ``proj_dim``/``projection``/``damping``: as for
-    ``etda attribute`` (``None``/``"auto"``: the library's defaults).
+    ``etda attribute`` (``None``/``"auto"``: the library's defaults). ``regime="paper"``: the
+    TRAK paper's code base's regime (:data:`PAPER_REGIME`: a k = 512 projection seeded per
+    member, no damping) instead of etda's defaults. ``train_fraction``: naive models trained
+    on random subsets of that fraction (one per model seed) instead of the whole set.
     """
 
     method: str
@@ -34,10 +42,17 @@ class BenchConfig:
     p: float | None = None
     rank: int | None = None
     lora_epochs: int | None = None
+    regime: str = "default"
+    train_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {sorted(METHODS)}")
+        if self.regime not in REGIMES:
+            raise ValueError(f"unknown regime {self.regime!r}; choose from {REGIMES}")
+        f = self.train_fraction
+        if f is not None and not 0 < f < 1:
+            raise ValueError(f"train_fraction must lie in (0, 1), got {f}")
         self.make_ensemble()  # unknown kinds and options fail here, not in the middle of a sweep
 
     def make_ensemble(self) -> Ensemble:
@@ -58,10 +73,21 @@ class BenchConfig:
         return self.models * self.m
 
     @property
+    def options(self) -> dict:
+        """``proj_dim`` and ``damping`` as run: the regime's where the configuration names
+        none."""
+        proj_dim, damping = self.proj_dim, self.damping
+        if self.regime == "paper":
+            proj_dim = PAPER_REGIME["proj_dim"] if proj_dim is None else proj_dim
+            damping = PAPER_REGIME["damping"] if damping is None else damping
+        return {"proj_dim": proj_dim, "damping": damping}
+
+    @property
     def family(self) -> str:
-        """``naive`` for the independent ensemble, else the kind (``hybrid-`` for K > 1)."""
+        """``naive`` for the independent ensemble (``naive-subsets`` on subsets), else the
+        kind (``hybrid-`` for K > 1)."""
         if self.ensemble == "none":
-            return "naive"
+            return "naive" if self.train_fraction is None else "naive-subsets"
         return f"hybrid-{self.ensemble}" if self.models > 1 else self.ensemble
 
     @property
@@ -73,6 +99,10 @@ class BenchConfig:
             parts.append(self.projection)
         if self.damping is not None:
             parts.append(f"damp{self.damping}")
+        if self.regime != "default":
+            parts.append(self.regime)
+        if self.train_fraction is not None:
+            parts.append(f"frac{self.train_fraction:g}")
         return "/".join(parts + self.make_ensemble().key_parts())
 
     @property
@@ -81,6 +111,9 @@ class BenchConfig:
         kind = ENSEMBLES.get_entry(self.ensemble).short
         if self.ensemble == "none":
             label = f"naive {self.models}"
+            if self.train_fraction is not None:
+                frac = "halves" if self.train_fraction == 0.5 else f"{self.train_fraction:g}"
+                label += f" ({frac})"
         elif self.models > 1:
             label = f"{self.models}x{self.m} {kind}"
         else:
@@ -159,6 +192,12 @@ class Sweep:
     n_subsets: int = 50
     seeds_per_subset: int = 1
 
+    @property
+    def name_regime(self) -> str:
+        """The regime of the sweep's configurations (``"default"`` or ``"paper"``)."""
+        regimes = {c.regime for c in self.configs}
+        return regimes.pop() if len(regimes) == 1 else "default"
+
     def only(self, methods: list[str] | None) -> Sweep:
         """The sweep restricted to ``methods`` (None: all)."""
         if not methods:
@@ -189,6 +228,8 @@ def _trak_full() -> list[BenchConfig]:
     ]
     out += [BenchConfig("trak", "lora", 1, m) for m in (4, 8)]
     out += [BenchConfig("trak", "dropout-per-example", 1, 10)]
+    # The TRAK paper trains its naive models on half subsets: does that help here too?
+    out += [BenchConfig("trak", "none", k, train_fraction=0.5) for k in (1, 2, 5)]
     return out
 
 
@@ -341,10 +382,50 @@ SETTING_SWEEPS: dict[str, Sweep] = {
 SETTING_QUICK: dict[str, Sweep] = {"kjv-transformer": KJV_QUICK, "kjv-gpt2": KJV_QUICK}
 
 
+def _paper(dropout_members: int, lora_members: int) -> tuple[BenchConfig, ...]:
+    """TRAK in the paper's regime: naive ensembles on the whole set and on half subsets,
+    every seed system of the paper (dropout with masks fixed per member, fresh per example,
+    or in the forward pass only; LoRA; a 2 x M hybrid) and etda's checkpoints of one run."""
+    p = {"regime": "paper"}
+    out = [BenchConfig("trak", "none", k, **p) for k in (1, 2, 5)]
+    out += [BenchConfig("trak", "none", k, train_fraction=0.5, **p) for k in (1, 2, 5)]
+    out += [
+        BenchConfig("trak", kind, 1, dropout_members, **p)
+        for kind in ("dropout", "dropout-per-example", "dropout-forward")
+    ]
+    out += [
+        BenchConfig("trak", "lora", 1, lora_members, **p),
+        BenchConfig("trak", "dropout-per-example", 2, dropout_members // 2, **p),
+        BenchConfig("trak", "checkpoints", 1, 5, **p),
+    ]
+    return tuple(out)
+
+
+def paper_sweep(setting: str | None = None) -> Sweep:
+    """The paper-regime sweep of ``setting`` (``etda bench --regime paper``), on the ground
+    truth of the setting's own sweep. The CNN's members cost the most: 5 per ensemble."""
+    own = SETTING_SWEEPS.get(setting or "", FULL)
+    members = (5, 4) if setting and "cnn" in setting else (10, 8)
+    return Sweep(
+        "paper",
+        _paper(*members),
+        n_subsets=own.n_subsets,
+        seeds_per_subset=own.seeds_per_subset,
+    )
+
+
 def get_sweep(
-    quick: bool = False, methods: list[str] | None = None, setting: str | None = None
+    quick: bool = False,
+    methods: list[str] | None = None,
+    setting: str | None = None,
+    regime: str = "default",
 ) -> Sweep:
     """The quick or full sweep (``setting``'s own where it has one; sequence settings have
-    no labels to flip, so no mislabel runs), restricted to ``methods`` if given."""
+    no labels to flip, so no mislabel runs), restricted to ``methods`` if given;
+    ``regime="paper"``: :func:`paper_sweep` (TRAK only)."""
+    if regime == "paper":
+        return paper_sweep(setting).only(methods)
+    if regime != "default":
+        raise ValueError(f"unknown regime {regime!r}; choose from {REGIMES}")
     table, default = (SETTING_QUICK, QUICK) if quick else (SETTING_SWEEPS, FULL)
     return table.get(setting or "", default).only(methods)

@@ -28,15 +28,34 @@ from etda.experiment import set_threads
 # ------------------------------------------------------------------ bench and report
 
 
+def _regime_cb(value: str) -> str:
+    from etda.bench.sweeps import REGIMES
+
+    if value not in REGIMES:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(REGIMES)}")
+    return value
+
+
 @app.command()
 def bench(
     setting: SettingOpt = "fmnist-mlp",
     quick: Annotated[
         bool, typer.Option("--quick", help="A small sweep that runs in a few minutes.", metavar="")
     ] = False,
+    regime: Annotated[
+        str,
+        typer.Option(
+            help="default: etda's regime (exact kernel where it fits, damped); paper: the TRAK "
+            "paper's code base's (k = 512 projections seeded per member, no damping, naive "
+            "models also on half subsets), TRAK over every seed system.",
+            callback=_regime_cb,
+        ),
+    ] = "default",
     out: Annotated[
         Path | None,
-        typer.Option(help="Results folder (default benchmarks/results/<setting>[-quick])."),
+        typer.Option(
+            help="Results folder (default benchmarks/results/<setting>[-quick][-paper])."
+        ),
     ] = None,
     methods: Annotated[
         str | None,
@@ -94,7 +113,9 @@ def bench(
     wanted = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     for m in wanted or []:
         _method_cb(m)
-    sweep = get_sweep(quick, wanted, setting)
+    if quick and regime != "default":
+        raise typer.BadParameter("--quick has no paper-regime sweep; drop one of them")
+    sweep = get_sweep(quick, wanted, setting, regime)
     config = _lds_config(
         sweep.n_subsets if n_subsets is None else n_subsets,
         fraction,

@@ -99,12 +99,16 @@ def _summary(recs: list[dict], ratios: list[dict]) -> list[str]:
     by_key = {r["key"]: r for r in ratios}
     for method in dict.fromkeys(r["method"] for r in recs):
         naive = naive_curve(recs, method)
-        eff = [r for r in recs if r["method"] == method and r["family"] != "naive"]
+        mine = [r for r in recs if r["method"] == method]
+        eff = [r for r in mine if not r["family"].startswith("naive")]
+        halves = [r for r in mine if r["family"] == "naive-subsets"]
         picks = []
         if naive:
             picks.append(("single model", naive[0]))
             if len(naive) > 1:
                 picks.append(("best naive", max(naive, key=lambda r: r["lds"]["mean"])))
+        if halves:  # naive models trained on random subsets (the TRAK paper's ensembles)
+            picks.append(("best naive on subsets", max(halves, key=lambda r: r["lds"]["mean"])))
         if eff:
             picks.append(("best efficient", max(eff, key=lambda r: r["lds"]["mean"])))
         for role, r in picks:

@@ -374,6 +374,23 @@ SETTINGS: dict[str, Setting] = {
             "of 8192 tokens on the King James Bible, 4000/200 windows of up to 128 tokens "
             "(for featurization scale: throughput and memory, no LDS)",
         ),
+        Setting(
+            name="fmnist2-cnn-dropout",
+            model_name="resnet9",
+            model_kwargs={"in_channels": 1, "num_classes": 2, "width": 8, "dropout": 0.1},
+            recipe=TrainRecipe(
+                optimizer="sgd",
+                lr=0.02,
+                momentum=0.9,
+                weight_decay=5e-4,
+                epochs=10,
+                batch_size=128,
+                lr_schedule="linear",
+            ),
+            data_fn=functools.partial(fmnist2, n_train=2000, n_test=200, seed=0),
+            description="fmnist2-cnn's data and recipe, ResNet-9 trained with dropout 0.1 after "
+            "every block (as the dropout-ensemble paper trains it)",
+        ),
     ]
 }
 

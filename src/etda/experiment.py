@@ -54,16 +54,26 @@ def make_ensemble(
     p: float | None = None,
     rank: int | None = None,
     lora_epochs: int | None = None,
+    lora_gradients: str | None = None,
     seed: int | None = None,
 ) -> Ensemble:
     """The ensemble of preset ``kind`` (a key of ``etda.ENSEMBLES``) from command-line style
     options (``None``: the preset's default). ``members``: members per trained model; for
     ``"checkpoints"`` the number of checkpoints per run, which ``run_attribution`` uses to
-    choose the checkpoint epochs. ``p``: dropout-rate override; ``rank``/``lora_epochs``: LoRA.
+    choose the checkpoint epochs. ``p``: dropout-rate override; ``rank``/``lora_epochs``/
+    ``lora_gradients`` (``"adapters"`` or ``"all"``): LoRA.
     """
     if members is not None:
         _positive_int(members, "members")
-    return make_preset(kind, members=members, p=p, rank=rank, epochs=lora_epochs, seed=seed)
+    return make_preset(
+        kind,
+        members=members,
+        p=p,
+        rank=rank,
+        epochs=lora_epochs,
+        gradients=lora_gradients,
+        seed=seed,
+    )
 
 
 def ensemble_kind(ensemble: Ensemble | None) -> str:
@@ -232,6 +242,7 @@ def run_attribution(
     p: float | None = None,
     rank: int | None = None,
     lora_epochs: int | None = None,
+    lora_gradients: str | None = None,
     n_checkpoints: int = 5,
     proj_dim: int | None = None,
     projection: str = "auto",
@@ -281,7 +292,14 @@ def run_attribution(
         options["damping"] = damping
 
     if isinstance(ensemble, str) or ensemble is None:
-        ens = make_ensemble(ensemble or "none", members, p=p, rank=rank, lora_epochs=lora_epochs)
+        ens = make_ensemble(
+            ensemble or "none",
+            members,
+            p=p,
+            rank=rank,
+            lora_epochs=lora_epochs,
+            lora_gradients=lora_gradients,
+        )
     else:
         ens = ensemble
     kind = ens.kind

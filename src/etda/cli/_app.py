@@ -197,6 +197,14 @@ LoraEpochsOpt = Annotated[
     int | None,
     typer.Option(callback=_positive_cb, help="LoRA fine-tuning epochs per adapter (default 2)."),
 ]
+LoraGradientsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--lora-gradients",
+        help="LoRA features: adapters (the adapter gradients, default) or all (the gradients "
+        "of every parameter of the model with the adapters merged in).",
+    ),
+]
 ThreadsOpt = Annotated[
     int | None,
     typer.Option(callback=_positive_cb, help="Torch threads (default: torch's choice)."),

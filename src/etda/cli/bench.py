@@ -53,9 +53,7 @@ def bench(
     ] = "default",
     out: Annotated[
         Path | None,
-        typer.Option(
-            help="Results folder (default benchmarks/results/<setting>[-quick][-paper])."
-        ),
+        typer.Option(help="Results folder (default benchmarks/results/<setting>[-quick][-paper])."),
     ] = None,
     methods: Annotated[
         str | None,

@@ -51,6 +51,7 @@ def run(plan: RunPlan) -> Scores:
         costs.train_s += member.train_s
         if member.extra_weight_names:
             costs.weights_bytes += weights_bytes(member.model, member.extra_weight_names)
+        costs.weights_bytes += member.extra_weights_bytes
         infos.append(_score_member(plan, i, member, scorer, costs, shared))
         bar.update(1)
     bar.close()

@@ -38,7 +38,9 @@ class Member:
     dropout) and differ only in ``q_model``, the model whose forward pass gives Q;
     ``checkpoints``: ``[(state_dict, lr)]`` of the member's own training (e.g. adapter
     epochs), for methods that need checkpoints (None: use the ones given to the run);
-    ``train_s``: seconds spent making this member (e.g. fine-tuning an adapter).
+    ``train_s``: seconds spent making this member (e.g. fine-tuning an adapter);
+    ``extra_weight_names``/``extra_weights_bytes``: the weights it adds to the given models
+    (by name in ``model``, or in bytes where ``model`` merged them in).
     """
 
     model: nn.Module
@@ -50,6 +52,7 @@ class Member:
     checkpoints: list[tuple[dict[str, Tensor], float]] | None = None
     train_s: float = 0.0
     extra_weight_names: list[str] | None = None  # parameters this member adds (adapters)
+    extra_weights_bytes: int = 0  # bytes it adds that ``model`` no longer holds (merged adapters)
     model_index: int = 0  # which given model the member derives from
     info: dict = field(default_factory=dict)
 

@@ -57,7 +57,7 @@ def member_pool(setting, naive: int) -> tuple[dict[str, nn.Module], dict[str, li
     return pool, configs
 
 
-def member_system(model: nn.Module, data, target: str, proj_dim: int | None, seed: int):
+def member_system(model: nn.Module, data, target: str, proj_dim: int | None, seed: int, task=None):
     """The member's damped system (exact kernel: sample space; ``proj_dim``: a factored
     sketch, feature space), its test side (the test-train kernel ``(n_test, n)``, or the test
     features), Q ``(n,)`` and the training outputs ``(n,)``."""
@@ -72,9 +72,8 @@ def member_system(model: nn.Module, data, target: str, proj_dim: int | None, see
         spec = FeatureSpec("none", target=target)
     else:
         spec = FeatureSpec("factored", dim=proj_dim, seed=seed, target=target)
-    fz = Featurizer(
-        m, ClassificationTask(), select_parameters(m), spec, (data.x_train, data.y_train)
-    )
+    task = task or ClassificationTask()  # the setting's (text: SequenceTask)
+    fz = Featurizer(m, task, select_parameters(m), spec, (data.x_train, data.y_train))
 
     def run(x: Tensor, y: Tensor) -> dict[str, Tensor]:
         outs = [fz(x[i : i + 512], y[i : i + 512]) for i in range(0, len(x), 512)]
@@ -110,7 +109,7 @@ def mean_kernel_c(systems: list, qs: list[Tensor]) -> float:
 
 
 def run_method(
-    method: str, pool: dict, configs: dict, data, gt, proj_dim: int | None = None
+    method: str, pool: dict, configs: dict, data, gt, proj_dim: int | None = None, task=None
 ) -> dict:
     """LDS of every rule and swept c for every ensemble of one method, with each rule's c per
     member (``"q rayleigh"``: each member's ``q^T K q / q^T q`` over its mean eigenvalue)."""
@@ -120,7 +119,7 @@ def run_method(
     held, chosen, rayleigh = {}, {}, {}
     for seed, (key, model) in enumerate(pool.items()):
         t0 = time.perf_counter()
-        system, test, q, f = member_system(model, data, TARGETS[method], proj_dim, seed)
+        system, test, q, f = member_system(model, data, TARGETS[method], proj_dim, seed, task)
         chosen[key] = {r: choose_damping(system, r, y=q).c for r in RULES}
         chosen[key][OUTPUTS] = choose_damping(system, "evidence", y=f).c
         # q^T K q / (q^T q) over the mean eigenvalue: below 1 the evidence of Q still rises as
@@ -301,7 +300,10 @@ def measure(args: argparse.Namespace, path) -> dict:
     t0, load_before = time.perf_counter(), os.getloadavg()[0]
     setting = get_setting(args.setting)
     data = setting.data()
-    config = LDSConfig()
+    from etda.bench.sweeps import get_sweep
+
+    sweep = get_sweep(setting=args.setting)  # the setting's ground truth (text: 2 seeds)
+    config = LDSConfig(n_subsets=sweep.n_subsets, seeds_per_subset=sweep.seeds_per_subset)
     gt = ground_truth(setting, config, progress=False)
     pool, configs = member_pool(setting, args.naive)
     if args.ensembles:  # a subset of the ensembles, and only the models they need
@@ -324,7 +326,9 @@ def measure(args: argparse.Namespace, path) -> dict:
         "results": {},
     }
     for method in args.methods:
-        result["results"][method] = run_method(method, pool, configs, data, gt, args.proj_dim)
+        result["results"][method] = run_method(
+            method, pool, configs, data, gt, args.proj_dim, setting.make_task()
+        )
         result["load_after"], result["wall_s"] = os.getloadavg()[0], time.perf_counter() - t0
         result["machine"] = machine()
         RESULTS.mkdir(parents=True, exist_ok=True)

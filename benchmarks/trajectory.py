@@ -50,8 +50,16 @@ def run(
 ) -> dict:
     """Every configuration of ``methods`` (``only``: these labels), ``save``d after each."""
     import etda
+    from etda.bench.sweeps import get_sweep
     from etda.evaluate.lds import LDSConfig
     from etda.experiment import run_attribution
+
+    # the ground truth and featurizer of the setting's own sweep (text: 2 seeds per subset,
+    # factored sketches of 2048)
+    sweep = get_sweep(setting=setting)
+    gt_config = LDSConfig(n_subsets=sweep.n_subsets, seeds_per_subset=sweep.seeds_per_subset)
+    first = sweep.configs[0]
+    featurizer = {"proj_dim": first.proj_dim, "projection": first.projection}
 
     rows = [r for r in old if (only and r["config"] not in only) or r["method"] not in methods]
     load_before = os.getloadavg()[0]
@@ -67,7 +75,8 @@ def run(
                 ens,
                 k,
                 members=members if isinstance(ens, str) else None,
-                lds_config=LDSConfig(),
+                lds_config=gt_config,
+                **featurizer,
                 executor="process",
                 workers=2,
                 progress=False,

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, machine
+from etda.evaluate.variance import MethodWrapper
 from etda.methods import Method
 from etda.methods.base import block_scores
 
@@ -38,22 +39,13 @@ RATES = [0.1, 0.2, 0.05, 0.3]  # the paper's rate first
 NAME = "dropout-rates"
 
 
-class KeepFactors(Method):
+class KeepFactors(MethodWrapper):
     """Wraps a method: keeps each member's kernel term ``(n_test, n_train)`` and Q
     ``(n_train,)`` (TRAK), so sub-ensembles can be recombined by the method's own rule."""
 
     def __init__(self, inner: Method) -> None:
-        self.inner, self.kernel, self.q = inner, [], []
-        self.name = inner.name  # type: ignore[misc]
-        self.target = inner.target  # type: ignore[misc]
-        self.combine = inner.combine  # type: ignore[misc]
-
-    def options(self) -> dict:
-        return self.inner.options()
-
-    @property
-    def streamable(self) -> bool:
-        return self.inner.streamable
+        super().__init__(inner)
+        self.kernel, self.q = [], []
 
     def factors(self, train, test, ctx):  # noqa: ANN001, ANN201
         f = self.inner.factors(train, test, ctx)

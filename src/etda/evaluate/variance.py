@@ -359,11 +359,12 @@ def member_projections(
     return scores, u
 
 
-class _Recorder(Method):
-    """Delegates to a method and records each member's ``scores @ masks.T``."""
+class MethodWrapper(Method):
+    """Delegates to a method (its name, target, options and combine rule); a subclass
+    overrides :meth:`factors` to look at each member's factors on the way through."""
 
-    def __init__(self, inner: Method, masks: torch.Tensor) -> None:
-        self.inner, self.masks, self.rows = inner, masks, []
+    def __init__(self, inner: Method) -> None:
+        self.inner = inner
         self.name = inner.name  # type: ignore[misc]
         self.target = inner.target  # type: ignore[misc]
         self.combine = inner.combine  # type: ignore[misc]
@@ -374,6 +375,17 @@ class _Recorder(Method):
     @property
     def streamable(self) -> bool:
         return self.inner.streamable
+
+    def factors(self, train, test, ctx: MemberContext) -> MemberFactors:
+        return self.inner.factors(train, test, ctx)
+
+
+class _Recorder(MethodWrapper):
+    """Delegates to a method and records each member's ``scores @ masks.T``."""
+
+    def __init__(self, inner: Method, masks: torch.Tensor) -> None:
+        super().__init__(inner)
+        self.masks, self.rows = masks, []
 
     def factors(self, train, test, ctx: MemberContext) -> MemberFactors:
         f = self.inner.factors(train, test, ctx)

@@ -115,3 +115,23 @@ def test_float32_solves_stay_close_to_float64(method, projection) -> None:
 def test_an_unknown_solve_dtype_is_refused() -> None:
     with pytest.raises(ValueError, match="solve_dtype"):
         etda.attribute(mlp(), TRAIN, TEST, method="trak", solve_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("damping", ["gcv", "evidence", "edof:0.2"])
+def test_the_fast_path_keeps_its_kernel_in_float32_and_every_damping_rule_works(damping) -> None:
+    from etda.features.blocks import Features
+    from etda.methods.solve import DampedSystem, choose_damping
+
+    blocks = _factors(120, 5)
+    fast = DampedSystem(Features(blocks, torch.float32, torch.float32))
+    exact = DampedSystem(Features(blocks))
+    assert fast.kmat.dtype == torch.float32 and exact.kmat.dtype == torch.float64
+    assert fast.trace == pytest.approx(exact.trace, rel=1e-5)
+    y = torch.randn(120, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got, want = choose_damping(fast, damping, y=y), choose_damping(exact, damping, y=y)
+    assert got.c == pytest.approx(want.c, rel=0.05)
+    v = torch.randn(120, 3, dtype=torch.float64)
+    torch.testing.assert_close(fast.matvec(v), exact.matvec(v), rtol=1e-4, atol=1e-3)
+    d_fast, d_exact = fast.diagonal(got.lam), exact.diagonal(got.lam)
+    assert d_fast.dtype == torch.float64
+    torch.testing.assert_close(d_fast, d_exact, rtol=1e-3, atol=1e-4)

@@ -229,9 +229,10 @@ class Features:
     def sq_norms(self) -> Tensor:
         return sq_norms(self.features)
 
-    def inner(self, other: Features) -> Tensor:
-        """``<g(other_r), g(self_c)>``: ``(other.n, self.n)`` float64."""
-        return inner(other.features, self.features, compute=self.precision)
+    def inner(self, other: Features, dtype: torch.dtype = torch.float64) -> Tensor:
+        """``<g(other_r), g(self_c)>``: ``(other.n, self.n)`` in ``dtype`` (float64; the fast
+        path's self-kernel float32)."""
+        return inner(other.features, self.features, dtype=dtype, compute=self.precision)
 
 
 class StreamedFeatures:
@@ -303,7 +304,7 @@ class StreamedFeatures:
     def matrix(self) -> Tensor:
         raise ValueError("the features are on disk (out of core): read them with rows(lo, hi)")
 
-    def inner(self, other: Features) -> Tensor:
+    def inner(self, other: Features, dtype: torch.dtype = torch.float64) -> Tensor:
         raise ValueError(
             "an n x n kernel is not formed out of core; the method needs a feature-space form"
         )

@@ -121,8 +121,10 @@ class DampedSystem:
             self.gram = train.gram()  # (k, k)
             self.trace = float(self.gram.diagonal().sum())
         else:
-            self.kmat = train.inner(train)  # (n, n)
-            self.trace = float(self.kmat.diagonal().sum())
+            # the fast path (float32 kernel and solves) keeps the n x n kernel in float32
+            fast = self.solve_dtype == torch.float32 == getattr(train, "precision", None)
+            self.kmat = train.inner(train, torch.float32) if fast else train.inner(train)
+            self.trace = float(self.kmat.diagonal().double().sum())
         self.dim = min(self.n, k) if k is not None else self.n
 
     @classmethod
@@ -150,13 +152,19 @@ class DampedSystem:
         return self.trace / self.dim
 
     def _factor(self, lam: float) -> Tensor:
-        """The Cholesky factor of the damped system, in ``solve_dtype``."""
-        a = (self.gram if self.form == "feature" else self.kmat).to(self.solve_dtype, copy=True)
+        """The Cholesky factor of the damped system, in ``solve_dtype`` (float32: LAPACK's
+        ``spotrf``, :func:`_cholesky32`)."""
+        source = self.gram if self.form == "feature" else self.kmat
+        if self.solve_dtype == torch.float32:
+            return _cholesky32(source, lam)
+        a = source.to(self.solve_dtype, copy=True)
         a.diagonal().add_(lam)
         return _cholesky(a)
 
     def _solve(self, rhs: Tensor, chol: Tensor) -> Tensor:
         """``(A + lam I)^-1 rhs`` float64 from the factor ``chol`` (solved in its dtype)."""
+        if chol.dtype == torch.float32:
+            return _cholesky_solve32(rhs, chol).to(torch.float64)
         return torch.cholesky_solve(rhs.to(chol.dtype), chol).to(torch.float64)
 
     def left(self, test: Features, lam: float, scale: float = 1.0) -> Tensor:
@@ -186,10 +194,10 @@ class DampedSystem:
                 right = self._solve(phi.T, chol)  # (k, rows)
                 out[lo:hi] = (phi * right.T).sum(1)
             return out
-        a = self.kmat.clone()
+        a = self.kmat.to(torch.float64, copy=True)
         a.diagonal().add_(lam)
         chol = _cholesky(a)  # may add jitter to a's diagonal in place
-        shift = float((a.diagonal() - self.kmat.diagonal()).mean())
+        shift = float((a.diagonal() - self.kmat.diagonal().double()).mean())
         # K (K + s I)^-1 = I - s (K + s I)^-1: one triangular inverse instead of an n x n solve.
         return 1.0 - shift * torch.cholesky_inverse(chol).diagonal()
 
@@ -208,7 +216,7 @@ class DampedSystem:
         if self.form == "feature":
             phi = self._phi()
             return phi @ (phi.T @ v)
-        return self.kmat @ v
+        return (self.kmat @ v.to(self.kmat.dtype)).to(v.dtype)
 
     def gcv(
         self, y: Tensor, lams: Tensor, steps: int = 80, probes: int = 16, seed: int = 0
@@ -249,7 +257,8 @@ class DampedSystem:
     def _eigh(self) -> tuple[Tensor, Tensor]:
         """``eigh`` of the smaller Gram matrix, kept: every exact criterion reads it."""
         if "_eig" not in self.__dict__:
-            self._eig = tuple(torch.linalg.eigh(self.gram if self.form == "feature" else self.kmat))
+            a = self.gram if self.form == "feature" else self.kmat.to(torch.float64)
+            self._eig = tuple(torch.linalg.eigh(a))
         return self._eig
 
     def _spectrum(self, y: Tensor | None) -> tuple[Tensor, Tensor | None, float, int]:
@@ -319,6 +328,39 @@ def _cholesky(a: Tensor) -> Tensor:
             chol, info = torch.linalg.cholesky_ex(a)
             eps *= 10
     return chol
+
+
+def _cholesky32(source: Tensor, lam: float) -> Tensor:
+    """The lower Cholesky factor ``(n, n)`` float32 of the symmetric ``source + lam I``, by
+    LAPACK ``spotrf`` through SciPy on as many threads as torch uses (faster than torch's
+    own on CPUs), factored in place of one float32 copy; jitter as :func:`_cholesky` when
+    numerically singular."""
+    from scipy.linalg import lapack
+    from threadpoolctl import threadpool_limits
+
+    eps = 1e-6 * float(source.diagonal().mean())
+    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        while True:
+            a = source.to(torch.float32, copy=True)
+            a.diagonal().add_(lam)
+            # a is symmetric: its transpose is the column-major array LAPACK wants, no copy
+            chol, info = lapack.spotrf(a.numpy().T, lower=1, overwrite_a=1, clean=1)
+            if info == 0:
+                return torch.from_numpy(chol)
+            lam += eps
+            eps *= 10
+
+
+def _cholesky_solve32(rhs: Tensor, chol: Tensor) -> Tensor:
+    """``(L L^T)^-1 rhs`` float32 ``(n, m)`` for a lower factor from :func:`_cholesky32`."""
+    from scipy.linalg import lapack
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        x, info = lapack.spotrs(chol.numpy(), rhs.to(torch.float32).numpy(), lower=1)
+    if info != 0:
+        raise ValueError(f"LAPACK spotrs failed (info={info})")
+    return torch.from_numpy(x)
 
 
 def _lanczos(matvec: Callable[[Tensor], Tensor], v: Tensor, steps: int) -> tuple[Tensor, Tensor]:

@@ -157,11 +157,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = RESULTS / f"trajectory-{args.setting}.json"
     old = json.loads(path.read_text()) if path.exists() else None
+    RESULTS.mkdir(parents=True, exist_ok=True)
     if args.markdown_only and old is not None:
         result = old
     else:
         kept = old["rows"] if old and args.only else []
-        RESULTS.mkdir(parents=True, exist_ok=True)
         result = run(
             args.setting,
             args.methods,
@@ -169,7 +169,6 @@ def main() -> None:
             kept,
             lambda partial: path.write_text(json.dumps(partial, indent=1)),
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     text = markdown(result)
     (RESULTS / f"trajectory-{args.setting}.md").write_text(text)

@@ -310,3 +310,19 @@ def test_resident_memory_is_measured_with_psutil():
     assert abs(rss - psutil.Process().memory_info().rss) < 64 * 2**20
     src = Path(etda.__file__).parent
     assert [p.name for p in src.rglob("*.py") if "/proc/self/statm" in p.read_text()] == []
+
+
+def test_out_of_core_scoring_honours_solve_dtype(monkeypatch):
+    """Streamed features solve in float32 when asked, as in-memory ones do."""
+    import etda.methods.solve as solve
+
+    dense = attribute(method="trak", out_of_core=False, solve_dtype="float32")
+    calls = []
+    real = solve._cholesky32
+    monkeypatch.setattr(solve, "_cholesky32", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(MemoryModel, "score_block", lambda *a, **k: 5)
+    monkeypatch.setattr(MemoryModel, "stream_rows", lambda *a, **k: 5)
+    blocked = attribute(method="trak", out_of_core=True, solve_dtype="float32")
+    assert blocked.config["out_of_core"] and calls
+    scale = np.abs(dense.values).max()
+    np.testing.assert_allclose(blocked.values, dense.values, rtol=0, atol=1e-5 * scale)

@@ -110,14 +110,14 @@ class AttributeConfig:
     kernel_dtype: str = _help(
         "Precision of the kernel's matrix products (gradient Grams, exact or projected): "
         "float64, float32 (about twice as fast on CPUs) or bfloat16 (for GPUs); each "
-        "layer's product is summed in float64 either way; float32 computes the training "
-        "kernel's symmetric products on one triangle (BLAS syrk).",
+        "layer's product is summed in float64, except the float32 training kernel with "
+        "itself: its symmetric products on one triangle (BLAS syrk), summed in float32.",
         "float64",
     )
     solve_dtype: str = _help(
         "Precision of the damped system's Cholesky factorization and solves: float64, or "
-        "float32 (about twice as fast on CPUs; with kernel_dtype='float32' the fastest exact "
-        "path). Results come back in float64 either way.",
+        "float32 (LAPACK spotrf/spotrs; with kernel_dtype='float32' the fastest exact path, "
+        "its n x n kernel kept in float32). Results come back in float64 either way.",
         "float64",
     )
     device: str | None = _help(

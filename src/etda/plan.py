@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from etda.ensemble import ENSEMBLES
+from etda.evaluate.variance import ensemble_variance
 from etda.io import fmt_seconds, human_bytes, parse_seconds, parse_size  # noqa: F401
 
 CLIP_MARGIN = 0.01  # a predicted LDS never exceeds its family's best measured LDS by more
@@ -586,8 +587,7 @@ def theory_lds(
     """``rho1 sqrt(K M / (1 + (M - 1) a_w + M (K - 1) a_b))``: the LDS of a K x M ensemble
     whose members have LDS ``rho1`` and covariances ``a_w = c_w / v`` (same trained model)
     and ``a_b = c_b / v`` (different models), as in :mod:`etda.evaluate.variance`."""
-    k, m = np.asarray(k, np.float64), np.asarray(m, np.float64)
-    return rho1 * np.sqrt(k * m / (1.0 + (m - 1.0) * a_w + m * (k - 1.0) * a_b))
+    return rho1 / np.sqrt(ensemble_variance(1.0, a_w, a_b, k, m))
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -68,6 +68,13 @@ class Setting:
         f = self.train_fraction
         if f is not None and not (isinstance(f, float | int) and 0 < f < 1):
             raise ValueError(f"Setting {self.name!r}: train_fraction must lie in (0, 1), got {f!r}")
+
+    def with_train_fraction(self, fraction: float | None) -> Setting:
+        """This setting with its models trained on random subsets of ``fraction`` (their
+        own model cache: another fingerprint); the loaded data bundle is shared."""
+        out = replace(self, train_fraction=fraction)
+        out._data.extend(self._data)
+        return out
 
     def make_task(self) -> Task:
         """The etda.task object attributions of this setting use."""
@@ -215,6 +222,23 @@ def _subset_indices(subset: np.ndarray | Tensor | Sequence[int], n: int) -> Tens
     return torch.from_numpy(arr.astype(np.int64))
 
 
+_FMNIST2_CNN = Setting(
+    name="fmnist2-cnn",
+    model_name="resnet9",
+    model_kwargs={"in_channels": 1, "num_classes": 2, "width": 8, "dropout": 0.0},
+    recipe=TrainRecipe(
+        optimizer="sgd",
+        lr=0.02,
+        momentum=0.9,
+        weight_decay=5e-4,
+        epochs=10,
+        batch_size=128,
+        lr_schedule="linear",
+    ),
+    data_fn=functools.partial(fmnist2, n_train=2000, n_test=200, seed=0),
+    description="ResNet-9 (width 8) on Fashion-MNIST T-shirt vs Shirt, 2000/200",
+)
+
 SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in [
@@ -239,22 +263,7 @@ SETTINGS: dict[str, Setting] = {
             data_fn=functools.partial(fmnist, n_train=5000, n_test=500, seed=0),
             description="MLP 784-128-128-10 (dropout 0.1) on Fashion-MNIST, 5000 train/500 test",
         ),
-        Setting(
-            name="fmnist2-cnn",
-            model_name="resnet9",
-            model_kwargs={"in_channels": 1, "num_classes": 2, "width": 8, "dropout": 0.0},
-            recipe=TrainRecipe(
-                optimizer="sgd",
-                lr=0.02,
-                momentum=0.9,
-                weight_decay=5e-4,
-                epochs=10,
-                batch_size=128,
-                lr_schedule="linear",
-            ),
-            data_fn=functools.partial(fmnist2, n_train=2000, n_test=200, seed=0),
-            description="ResNet-9 (width 8) on Fashion-MNIST T-shirt vs Shirt, 2000/200",
-        ),
+        _FMNIST2_CNN,
         Setting(
             name="digits-mlp",
             model_name="mlp",
@@ -374,20 +383,10 @@ SETTINGS: dict[str, Setting] = {
             "of 8192 tokens on the King James Bible, 4000/200 windows of up to 128 tokens "
             "(for featurization scale: throughput and memory, no LDS)",
         ),
-        Setting(
+        replace(
+            _FMNIST2_CNN,
             name="fmnist2-cnn-dropout",
-            model_name="resnet9",
-            model_kwargs={"in_channels": 1, "num_classes": 2, "width": 8, "dropout": 0.1},
-            recipe=TrainRecipe(
-                optimizer="sgd",
-                lr=0.02,
-                momentum=0.9,
-                weight_decay=5e-4,
-                epochs=10,
-                batch_size=128,
-                lr_schedule="linear",
-            ),
-            data_fn=functools.partial(fmnist2, n_train=2000, n_test=200, seed=0),
+            model_kwargs={**_FMNIST2_CNN.model_kwargs, "dropout": 0.1},
             description="fmnist2-cnn's data and recipe, ResNet-9 trained with dropout 0.1 after "
             "every block (as the dropout-ensemble paper trains it)",
         ),

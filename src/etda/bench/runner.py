@@ -142,7 +142,7 @@ def run_config(
     """Run one configuration; its summary record (LDS, costs, damping, members)."""
     t0 = time.perf_counter()
     if config.train_fraction is not None:
-        setting = _on_subsets(setting, config.train_fraction)
+        setting = setting.with_train_fraction(config.train_fraction)
     scores, _ = run_attribution(
         setting,
         config.method,
@@ -184,14 +184,6 @@ def run_config(
         "wall_s": time.perf_counter() - t0,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-def _on_subsets(setting: Setting, fraction: float) -> Setting:
-    """``setting`` whose models train on random subsets of ``fraction`` (its own model
-    cache; the data bundle shared, not reloaded)."""
-    out = replace(setting, train_fraction=fraction)
-    out._data.extend(setting._data)
-    return out
 
 
 def _best_of(results: dict, method: str, preset: str) -> dict | None:

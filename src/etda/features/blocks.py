@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -121,13 +122,20 @@ def _mirror_upper(u: Tensor, block: int = 512) -> Tensor:
     return u.T if u.stride(0) == 1 else u  # symmetric: the row-major view of the same buffer
 
 
-def _syrk(x: Tensor) -> Tensor:
-    """The upper triangle of ``x x^T`` ``(n, n)`` float32 (the strict lower triangle is zero),
-    by BLAS ``ssyrk`` on as many threads as torch uses."""
-    from scipy.linalg import blas
+def blas_threads() -> AbstractContextManager:
+    """A context in which SciPy's BLAS and LAPACK (the fast path's ``syrk``, ``spotrf`` and
+    ``spotrs``) run on as many threads as torch does."""
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+    return threadpool_limits(limits=torch.get_num_threads(), user_api="blas")
+
+
+def _syrk(x: Tensor) -> Tensor:
+    """The upper triangle of ``x x^T`` ``(n, n)`` float32 (the strict lower triangle is zero),
+    by BLAS ``ssyrk``."""
+    from scipy.linalg import blas
+
+    with blas_threads():
         upper = blas.ssyrk(1.0, x.detach().cpu().contiguous().numpy(), lower=0)
     return torch.from_numpy(upper)
 
@@ -244,7 +252,9 @@ class StreamedFeatures:
 
     in_memory = False
 
-    def __init__(self, store: Any, block: int) -> None:
+    def __init__(
+        self, store: Any, block: int, solve_precision: torch.dtype = torch.float64
+    ) -> None:
         keys = [k for k in EXPLICIT if k in store.widths]
         if len(keys) != 1 or any(k[0] in "da" and k[1:].isdigit() for k in store.widths):
             raise ValueError(
@@ -253,6 +263,7 @@ class StreamedFeatures:
                 "memory budget"
             )
         self.store, self.block, self.key = store, block, keys[0]
+        self.solve_precision = solve_precision  # of the damped factorization and solves
         self.n = store.n
         self.explicit_width = store.widths[self.key]
         self._gram: Tensor | None = None
@@ -263,7 +274,6 @@ class StreamedFeatures:
         return [(lo, min(lo + self.block, self.n)) for lo in range(0, self.n, self.block)]
 
     precision = torch.float64
-    solve_precision = torch.float64
 
     def rows(self, lo: int, hi: int, dtype: torch.dtype = torch.float64) -> Tensor:
         return self.store.rows(lo, hi, [self.key])[self.key].to(dtype)

@@ -285,7 +285,7 @@ class FeatureService:
                 self.fill(st, fz, req.model, split, f"{req.tag} {name}")
                 streamed = name == "train" and stream_block is not None
                 views[name] = (
-                    StreamedFeatures(st, stream_block)
+                    StreamedFeatures(st, stream_block, self.solve_dtype)
                     if streamed
                     else Features(st.load(), self.kernel_dtype, self.solve_dtype)
                 )

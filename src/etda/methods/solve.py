@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from etda.features.blocks import Features, TrainFeatures
+from etda.features.blocks import Features, TrainFeatures, blas_threads
 
 GRID = torch.logspace(-4, 2, 31, dtype=torch.float64)
 EDOF_GRID = torch.logspace(-6, 4, 101, dtype=torch.float64)  # c values, interpolated
@@ -122,7 +122,7 @@ class DampedSystem:
             self.trace = float(self.gram.diagonal().sum())
         else:
             # the fast path (float32 kernel and solves) keeps the n x n kernel in float32
-            fast = self.solve_dtype == torch.float32 == getattr(train, "precision", None)
+            fast = self.solve_dtype == torch.float32 and train.precision == torch.float32
             self.kmat = train.inner(train, torch.float32) if fast else train.inner(train)
             self.trace = float(self.kmat.diagonal().double().sum())
         self.dim = min(self.n, k) if k is not None else self.n
@@ -153,7 +153,7 @@ class DampedSystem:
 
     def _factor(self, lam: float) -> Tensor:
         """The Cholesky factor of the damped system, in ``solve_dtype`` (float32: LAPACK's
-        ``spotrf``, :func:`_cholesky32`)."""
+        ``spotrf``, :func:`_cholesky32`; :func:`_cholesky` is float64 only)."""
         source = self.gram if self.form == "feature" else self.kmat
         if self.solve_dtype == torch.float32:
             return _cholesky32(source, lam)
@@ -322,7 +322,7 @@ def _profiled_evidence(n: int, quad: Tensor, logdet: Tensor) -> Tensor:
 def _cholesky(a: Tensor) -> Tensor:
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) != 0:  # numerically singular: add the smallest jitter that works
-        eps = (1e-10 if a.dtype == torch.float64 else 1e-6) * float(a.diagonal().mean())
+        eps = 1e-10 * float(a.diagonal().mean())
         while int(info) != 0:
             a.diagonal().add_(eps)
             chol, info = torch.linalg.cholesky_ex(a)
@@ -336,10 +336,9 @@ def _cholesky32(source: Tensor, lam: float) -> Tensor:
     own on CPUs), factored in place of one float32 copy; jitter as :func:`_cholesky` when
     numerically singular."""
     from scipy.linalg import lapack
-    from threadpoolctl import threadpool_limits
 
     eps = 1e-6 * float(source.diagonal().mean())
-    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+    with blas_threads():
         while True:
             a = source.to(torch.float32, copy=True)
             a.diagonal().add_(lam)
@@ -354,9 +353,8 @@ def _cholesky32(source: Tensor, lam: float) -> Tensor:
 def _cholesky_solve32(rhs: Tensor, chol: Tensor) -> Tensor:
     """``(L L^T)^-1 rhs`` float32 ``(n, m)`` for a lower factor from :func:`_cholesky32`."""
     from scipy.linalg import lapack
-    from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+    with blas_threads():
         x, info = lapack.spotrs(chol.numpy(), rhs.to(torch.float32).numpy(), lower=1)
     if info != 0:
         raise ValueError(f"LAPACK spotrs failed (info={info})")
